@@ -1,0 +1,293 @@
+"""Run configuration: schema, YAML loading, dotted overrides and readable validation errors.
+
+Every key is declared here (or in a model plug-in's config class), so a typo is an error that names the
+key and what is allowed, raised on the driver before any cluster resource is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from t2i_dist.models.galip.config import GALIPConfig
+from t2i_dist.models.ldm_config import LDMConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = "t2i"
+    seed: int = 0
+    max_steps: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(100, ge=0, description="0 disables sample grids during training")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do from the last checkpoint")
+    preemption_grace_s: float = Field(60.0, gt=0)
+    max_nonfinite_steps: int = Field(20, ge=1, description="abort after this many consecutive non-finite steps")
+    deterministic: bool = False
+
+
+class ClusterSection(Section):
+    address: str | None = Field(None, description="Ray address; None uses RAY_ADDRESS or starts a local Ray")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker")
+    storage_path: str = Field("runs", description="local directory or s3:// URI for checkpoints")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    micro_batch_size: int = Field(8, ge=1, description="samples per worker per forward pass")
+    grad_accum_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload; compiles DeepSpeed's CPU Adam on first use")
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class S3Section(Section):
+    endpoint_url: str | None = Field(None, description="None uses AWS_ENDPOINT_URL / the AWS default")
+    region: str | None = None
+    anon: bool = False
+    retries: int = Field(8, ge=0, description="read attempts with exponential backoff before a shard fails")
+
+
+class SynthesizeSection(Section):
+    enabled: bool = Field(False, description="write synthetic shards to data.urls' directory when missing")
+    num_samples: int = Field(2048, ge=1)
+    samples_per_shard: int = Field(256, ge=1)
+    image_size: int = Field(64, ge=8)
+
+
+class DataSection(Section):
+    urls: str | list[str] = Field(..., description="shard paths, brace patterns, file:// or s3:// URLs")
+    format: Literal["images", "latents"] = "images"
+    resolution: int = Field(32, ge=8)
+    shuffle_buffer: int = Field(256, ge=0)
+    resampled: bool = False
+    loader_workers: int = Field(1, ge=0)
+    max_skip_fraction: float = Field(0.1, ge=0, le=1)
+    s3: S3Section = S3Section()
+    synthesize: SynthesizeSection = SynthesizeSection()
+
+
+class TrackingSection(Section):
+    uri: str | None = Field(None, description="None uses MLFLOW_TRACKING_URI, else a local store ./mlruns")
+    experiment: str = "t2i_dist"
+    sample_prompts: list[str] = [
+        "a red circle",
+        "a small blue square on the left",
+        "a large green triangle at the top",
+        "a yellow circle at the bottom right",
+    ]
+    samples_per_prompt: int = Field(2, ge=1)
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0, description="in-training FID every N steps; 0 disables")
+    num_samples: int = Field(64, ge=2)
+    captions: str | None = Field(None, description="caption/image shards; None uses data.urls")
+    inception_path: str | None = None
+    reference_cache: str | None = None
+
+
+ModelConfig = Annotated[LDMConfig | GALIPConfig, Field(discriminator="family")]
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    cluster: ClusterSection = ClusterSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    optim: OptimSection = OptimSection()
+    data: DataSection
+    tracking: TrackingSection = TrackingSection()
+    eval: EvalSection = EvalSection()
+    model: ModelConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.cluster.backend == "nccl" and not self.cluster.use_gpu:
+            raise ValueError("cluster.backend=nccl needs cluster.use_gpu=true; use gloo (or auto) on CPUs")
+        if self.cluster.use_gpu and self.cluster.gpus_per_worker <= 0:
+            raise ValueError("cluster.use_gpu=true needs cluster.gpus_per_worker > 0")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        self.model.check_compatible(self)
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        d = self.deepspeed
+        return d.micro_batch_size * d.grad_accum_steps * self.cluster.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("t2i_dist.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return path
+    shipped = resources.files("t2i_dist.configs") / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"unknown config {name_or_path!r}: pass a YAML path or one of the shipped configs: "
+            + ", ".join(shipped_configs())
+        )
+    return Path(str(shipped))
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """YAML with an optional `base: NAME|PATH` key, merged underneath (so study configs extend tiny ones)."""
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself through 'base'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return deep_merge(_load_yaml(resolve_config_path(base), (*seen, path)), raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 3, true, [1,2] and null work)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(_load_yaml(resolve_config_path(name_or_path)), overrides or [])
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, raw)) from None
+
+
+def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            # inside the discriminated model union, or a dict: pick the member named by 'family'
+            return []
+        annotation = field.annotation
+        if part == "model":
+            family = raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None
+            annotation = {"ldm": LDMConfig, "galip": GALIPConfig}.get(family)
+        model = annotation
+        if model is None or not hasattr(model, "model_fields"):
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("ldm", "galip")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc, raw)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key '{key}'"
+            if hint:
+                msg += f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?)"
+            if allowed:
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = f"missing required key '{key}'"
+        else:
+            got = err.get("input")
+            shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+            msg = f"bad value for '{key}': {err['msg']} (got {shown})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def redact(obj: Any) -> Any:
+    """Drop values whose key looks secret, so configs can be logged anywhere."""
+    secret_words = ("secret", "password", "token", "access_key", "credential", "api_key")
+    if isinstance(obj, dict):
+        return {
+            k: ("***" if any(w in str(k).lower() for w in secret_words) and v else redact(v)) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,157 @@
+"""Checkpoints: every rank writes its DeepSpeed shards into a private temporary directory, plus a manifest of
+sizes and checksums written last; ray.train.report then publishes them as one checkpoint (Ray registers it
+only once every rank's upload finished). Restores verify the manifests before loading anything, so a
+half-written checkpoint is refused instead of loaded.
+
+Layout of a checkpoint directory:
+  <engine>/state/...          DeepSpeed engine files (model/optimizer/scheduler shards per rank)
+  trainer_state.json          step, world size, mlflow run id (rank 0)
+  extra_state.pt              plug-in state outside the engines, e.g. EMA (rank 0)
+  inference.pt                gathered weights for sampling (rank 0)
+  config.json                 the resolved config (rank 0)
+  data_state/rank{r}.json     data-loader position of rank r
+  manifest/rank{r}.json       files rank r wrote: sizes and sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2i_dist.models.base import ModelPlugin
+
+log = logging.getLogger(__name__)
+TAG = "state"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(
+    directory: Path, engines: dict[str, Any], plugin: ModelPlugin, *, rank: int, world_size: int, step: int,
+    data_state: dict[str, Any], config: dict[str, Any], run_info: dict[str, Any],
+) -> None:
+    """Collective: every rank calls it with its own (local, private) directory."""
+    before = {p for p in directory.rglob("*") if p.is_file()}
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(directory / name), tag=TAG, save_latest=False)
+    inference = plugin.inference_state()  # collective under ZeRO-3
+    if rank == 0:
+        _atomic_torch_save(plugin.extra_state(), directory / "extra_state.pt")
+        _atomic_torch_save(inference, directory / "inference.pt")
+        _atomic_write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
+        state = {"step": step, "world_size": world_size, **run_info}
+        _atomic_write_bytes(directory / "trainer_state.json", json.dumps(state, indent=1).encode())
+    _atomic_write_bytes(directory / "data_state" / f"rank{rank}.json", json.dumps(data_state).encode())
+    written = sorted(p for p in directory.rglob("*") if p.is_file() and p not in before)
+    manifest = {
+        "rank": rank,
+        "world_size": world_size,
+        "step": step,
+        "files": {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in written},
+    }
+    _atomic_write_bytes(directory / "manifest" / f"rank{rank}.json", json.dumps(manifest, indent=1).encode())
+
+
+def verify_checkpoint(directory: Path, check_hashes: bool = True) -> dict[str, Any]:
+    """Raise CheckpointError unless every rank's manifest is present and every file it lists is intact."""
+    directory = Path(directory)
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint: trainer_state.json is missing")
+    state = json.loads(state_file.read_text())
+    for rank in range(state["world_size"]):
+        mf = directory / "manifest" / f"rank{rank}.json"
+        if not mf.is_file():
+            raise CheckpointError(f"{directory}: manifest of rank {rank} is missing (interrupted save?)")
+        for rel, meta in json.loads(mf.read_text())["files"].items():
+            path = directory / rel
+            if not path.is_file() or path.stat().st_size != meta["size"]:
+                raise CheckpointError(f"{directory}: {rel} is missing or truncated")
+            if check_hashes and _sha256(path) != meta["sha256"]:
+                raise CheckpointError(f"{directory}: {rel} does not match its checksum")
+    return state
+
+
+def restore_checkpoint(
+    directory: Path, engines: dict[str, Any], plugin: ModelPlugin, *, rank: int, world_size: int,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load engines and plug-in state; returns (trainer_state, this rank's data state or None)."""
+    state = verify_checkpoint(directory, check_hashes=rank == 0)
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(directory / name), tag=TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load engine {name!r}")
+    plugin.load_extra_state(torch.load(directory / "extra_state.pt", map_location="cpu", weights_only=False))
+    data_state = None
+    data_file = directory / "data_state" / f"rank{rank}.json"
+    if state["world_size"] == world_size and data_file.is_file():
+        data_state = json.loads(data_file.read_text())
+    elif state["world_size"] != world_size:
+        log.warning("checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
+                    state["world_size"], world_size)
+    return state, data_state
+
+
+def report_checkpoint(metrics: dict[str, Any], directory: Path) -> None:
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+def new_local_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="t2i-ckpt-"))
+
+
+def remove_local_dir(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config dict, inference state) from a checkpoint directory, local or remote (s3://)."""
+    import ray.train
+
+    ckpt = ray.train.Checkpoint(checkpoint) if "://" in checkpoint else ray.train.Checkpoint(
+        str(Path(checkpoint).resolve()))
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        if not (d / "config.json").is_file() or not (d / "inference.pt").is_file():
+            raise CheckpointError(
+                f"{checkpoint} is not a t2i_dist checkpoint (config.json / inference.pt missing); pass a "
+                "checkpoint_* directory from the run's storage path"
+            )
+        config = json.loads((d / "config.json").read_text())
+        state = torch.load(d / "inference.pt", map_location="cpu", weights_only=False)
+    return config, state

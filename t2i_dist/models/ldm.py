@@ -1,0 +1,200 @@
+"""Latent diffusion: a diffusers UNet trained from scratch on frozen-VAE latents, conditioned on frozen CLIP
+text token states; DDPM training (epsilon or v), Min-SNR weighting, caption dropout for CFG, EMA."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from torch import nn
+
+from t2i_dist.config import Config
+from t2i_dist.models import vae as vae_lib
+from t2i_dist.models.base import Batch, ModelPlugin, Trainable
+from t2i_dist.models.clip import FrozenClipText
+from t2i_dist.models.ldm_config import LDMConfig
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
+
+
+def build_unet(m: LDMConfig, latent_channels: int, latent_size: int, context_dim: int) -> UNet2DConditionModel:
+    u = m.unet
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(u.block_out_channels),
+        down_block_types=tuple(u.down_block_types),
+        up_block_types=tuple(u.up_block_types),
+        layers_per_block=u.layers_per_block,
+        attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+        transformer_layers_per_block=u.transformer_layers_per_block,
+        cross_attention_dim=context_dim,
+    )
+
+
+def zero3_gathered(params: list[nn.Parameter]):
+    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary ones."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class LDMPlugin(ModelPlugin):
+    family = "ldm"
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, device, dtype)
+        m: LDMConfig = cfg.model  # type: ignore[assignment]
+        self.m = m
+        self.text_encoder = FrozenClipText(m.text, device=device)
+        self.vae = vae_lib.load_vae(m.vae).to(device)
+        self.latent_scale = vae_lib.scaling_factor(self.vae, m.vae)
+        self.latent_channels = self.vae.config.latent_channels
+        self.latent_size = cfg.data.resolution // vae_lib.vae_factor(self.vae)
+        self.unet = build_unet(m, self.latent_channels, self.latent_size, self.text_encoder.width)
+        if cfg.deepspeed.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule,
+            prediction_type=m.prediction_type,
+        )
+        # fp32 shadow weights, made before DeepSpeed casts or partitions the UNet
+        self.ema = EMAModel(self.unet.parameters(), decay=m.ema_decay)
+        self._null_text: dict[str, torch.Tensor] | None = None
+        self._sampling_unet: UNet2DConditionModel | None = None
+        self.generator = torch.Generator().manual_seed(cfg.run.seed)
+
+    # -- training --------------------------------------------------------------------------------------
+    def trainables(self) -> dict[str, Trainable]:
+        o = self.cfg.optim
+        return {"unet": Trainable(self.unet, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)}
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder}
+
+    def null_text(self) -> dict[str, torch.Tensor]:
+        if self._null_text is None:
+            self._null_text = self.text_encoder([""])
+        return self._null_text
+
+    def encode_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and text token states, from precomputed shards or by running the frozen encoders."""
+        if batch.latents is not None:
+            latents = batch.latents.float()
+        else:
+            latents = vae_lib.encode(self.vae, batch.images, self.latent_scale, self.generator_on(batch.images))
+        drop = torch.rand(len(batch), generator=self.generator) < self.m.caption_dropout
+        if "hidden" in batch.text:
+            hidden = batch.text["hidden"].float()
+            hidden = torch.where(drop.to(hidden.device)[:, None, None], self.null_text()["hidden"], hidden)
+        else:
+            captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
+            hidden = self.text_encoder(captions)["hidden"]
+        return latents, hidden
+
+    def generator_on(self, like: torch.Tensor) -> torch.Generator | None:
+        return self.generator if like.device.type == "cpu" else None
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        engine = self.engines["unet"]
+        latents, hidden = self.encode_batch(batch)
+        noise = torch.randn(latents.shape, generator=self.generator_on(latents), device=latents.device)
+        timesteps = torch.randint(0, self.m.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.m.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        pred = engine(noisy.to(self.dtype), timesteps, encoder_hidden_states=hidden.to(self.dtype)).sample
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if self.m.min_snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            clipped = torch.clamp(snr, max=self.m.min_snr_gamma)
+            per_sample = per_sample * (clipped / snr if self.m.prediction_type == "epsilon" else clipped / (snr + 1))
+        loss = per_sample.mean()
+        self.backward_and_step(engine, loss)
+        return {"loss": loss.detach()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        params = list(self.unet.parameters())
+        with zero3_gathered(params):
+            self.ema.step(params)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.ema.shadow_params = [p.float() for p in self.ema.shadow_params]
+        self.generator.set_state(state["generator"])
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.unet.named_parameters()]
+        return {n: p.detach().float().cpu().clone() for n, p in zip(names, self.ema.shadow_params, strict=True)}
+
+    def inference_state(self) -> dict[str, Any]:
+        params = list(self.unet.parameters())
+        with zero3_gathered(params):
+            raw = {k: v.detach().float().cpu().clone() for k, v in self.unet.state_dict().items()}
+        return {"unet": raw, "unet_ema": self.ema_state_dict()}
+
+    def load_inference_state(self, state: dict[str, Any], use_ema: bool = True) -> None:
+        weights = state["unet_ema"] if use_ema else state["unet"]
+        # EMA tracks parameters only; buffers (none in this UNet today) come from the raw weights
+        self.unet.load_state_dict({**state["unet"], **weights})
+        self.unet.eval()
+        self._sampling_unet = self.unet
+
+    def sampling_unet(self) -> UNet2DConditionModel:
+        """During training: a separate fp32 UNet holding the EMA weights (the engine's may be partitioned)."""
+        if getattr(self, "engines", None) is None and self._sampling_unet is not None:
+            return self._sampling_unet
+        if self._sampling_unet is None or self._sampling_unet is self.unet:
+            self._sampling_unet = build_unet(self.m, self.latent_channels, self.latent_size, self.text_encoder.width)
+            self._sampling_unet.to(self.device).eval().requires_grad_(False)
+        self._sampling_unet.load_state_dict(self.ema_state_dict(), strict=False)
+        return self._sampling_unet
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None) -> torch.Tensor:
+        s = self.m.sampling
+        sampler, steps = sampler or s.sampler, steps or s.steps
+        guidance = s.guidance if guidance is None else guidance
+        if sampler == "ddpm":
+            # DDPM draws fresh noise every step from one generator: run images one by one so each image
+            # depends on its own seed only
+            return torch.cat([self._sample(sampler, steps, guidance, [p], [sd]) for p, sd in zip(prompts, seeds, strict=True)])
+        return self._sample(sampler, steps, guidance, prompts, seeds)
+
+    def _sample(self, sampler: str, steps: int, guidance: float, prompts: list[str], seeds: list[int]):
+        unet = self.sampling_unet()
+        scheduler = SAMPLERS[sampler].from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+        latents = latents * scheduler.init_noise_sigma
+        cond = self.text_encoder(prompts)["hidden"]
+        uncond = self.null_text()["hidden"].expand_as(cond)
+        use_cfg = guidance != 1.0
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            pred = unet(model_in, t, encoder_hidden_states=context).sample
+            if use_cfg:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+            step_kwargs = {"generator": gens[0]} if sampler == "ddpm" else {}
+            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        return vae_lib.decode(self.vae, latents, self.latent_scale).cpu()

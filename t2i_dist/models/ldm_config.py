@@ -1,0 +1,56 @@
+"""Configuration of the latent diffusion family."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from t2i_dist.models.component_config import ClipConfig, Part, VAEConfig
+
+if TYPE_CHECKING:
+    from t2i_dist.config import Config
+
+
+class UNetConfig(Part):
+    """Arguments of diffusers' UNet2DConditionModel (trained from scratch)."""
+
+    block_out_channels: list[int] = [32, 64]
+    down_block_types: list[str] = ["CrossAttnDownBlock2D", "DownBlock2D"]
+    up_block_types: list[str] = ["UpBlock2D", "CrossAttnUpBlock2D"]
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    transformer_layers_per_block: int = 1
+
+
+class SamplerConfig(Part):
+    sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(4.0, ge=0)
+
+
+class LDMConfig(Part):
+    family: Literal["ldm"] = "ldm"
+    unet: UNetConfig = UNetConfig()
+    vae: VAEConfig = VAEConfig()
+    text: ClipConfig = ClipConfig()
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; None disables")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="drop captions for classifier-free guidance")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    sampling: SamplerConfig = SamplerConfig()
+
+    def check_compatible(self, cfg: Config) -> None:
+        if len(self.unet.down_block_types) != len(self.unet.block_out_channels):
+            raise ValueError("model.unet.down_block_types needs one entry per model.unet.block_out_channels")
+        if len(self.unet.up_block_types) != len(self.unet.block_out_channels):
+            raise ValueError("model.unet.up_block_types needs one entry per model.unet.block_out_channels")
+        factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        if self.vae.pretrained is None and cfg.data.resolution % factor:
+            raise ValueError(f"data.resolution={cfg.data.resolution} must be divisible by the VAE factor {factor}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"family": "ldm", "text": self.text.name, "vae": self.vae.pretrained or "random"}

@@ -1,0 +1,194 @@
+"""MLflow tracking that never stops training: rank 0 queues metrics/artifacts, a background thread sends them
+and retries with backoff while the server is away; whatever is still unsent at the end is written to a local
+JSONL fallback whose path is reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The MLflow client's own retries would block training for minutes while a server is down; we retry
+# in the background instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def resolve_tracking_uri(configured: str | None, workdir: str | os.PathLike = ".") -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return Path(workdir, "mlruns").resolve().as_uri()
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+               config_yaml: str) -> str:
+    """Driver side: create the run, log parameters and the resolved config; returns the run id."""
+    from mlflow.entities import Param, RunTag
+
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client.log_text(run.info.run_id, config_yaml, "config/resolved.yaml")
+    client.set_tag(run.info.run_id, "mlflow.runName", run_name)
+    for k, v in tags.items():
+        client.log_batch(run.info.run_id, tags=[RunTag(k, v)])
+    return run.info.run_id
+
+
+@dataclass
+class _Item:
+    kind: str  # metrics | image | text | tags | terminate
+    payload: Any
+    attempts: int = 0
+    created: float = field(default_factory=time.time)
+
+
+class Tracker:
+    """Queue-backed MLflow logger for rank 0. All public calls return at once and never raise."""
+
+    def __init__(self, uri: str, run_id: str, fallback_dir: str | os.PathLike, max_backoff_s: float = 30.0):
+        self.uri, self.run_id = uri, run_id
+        self.fallback_dir = Path(fallback_dir)
+        self.max_backoff_s = max_backoff_s
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        self._pending: list[_Item] = []
+        self._warned = False
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    # -- producer side ---------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._queue.put(_Item("metrics", (clean, step, ts)))
+
+    def log_image(self, png_bytes: bytes, artifact_file: str) -> None:
+        self._queue.put(_Item("image", (png_bytes, artifact_file)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._queue.put(_Item("text", (text, artifact_file)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._queue.put(_Item("tags", tags))
+
+    def close(self, timeout_s: float = 30.0) -> Path | None:
+        """Flush; what cannot be sent within the timeout goes to a JSONL fallback file (path returned)."""
+        self._queue.put(_Item("terminate", None))
+        self._thread.join(timeout_s)
+        self._stop.set()
+        self._thread.join(5)
+        leftover = self._pending + self._drain()
+        leftover = [i for i in leftover if i.kind != "terminate"]
+        if not leftover:
+            return None
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        path = self.fallback_dir / f"mlflow-unsent-{self.run_id}.jsonl"
+        with path.open("a") as fh:
+            for item in leftover:
+                fh.write(json.dumps(_to_json(item)) + "\n")
+        log.warning("MLflow at %s was unreachable: %d records saved to %s", _safe(self.uri), len(leftover), path)
+        return path
+
+    # -- sender side ------------------------------------------------------------------------------------
+    def _drain(self) -> list[_Item]:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _run(self) -> None:
+        client = None
+        backoff = 1.0
+        while not self._stop.is_set():
+            if not self._pending:
+                try:
+                    self._pending.append(self._queue.get(timeout=0.5))
+                except queue.Empty:
+                    continue
+            self._pending.extend(self._drain())
+            try:
+                client = client or client_for(self.uri)
+                while self._pending:
+                    item = self._pending[0]
+                    if item.kind == "terminate":
+                        self._pending.pop(0)
+                        if not self._pending and self._queue.empty():
+                            return
+                        continue
+                    self._send(client, item)
+                    self._pending.pop(0)
+                    self.sent += 1
+                backoff = 1.0
+                if self._warned:
+                    log.warning("MLflow reachable again; buffered records sent")
+                    self._warned = False
+            except Exception as exc:  # noqa: BLE001 - any tracking failure must stay non-fatal
+                if not self._warned:
+                    log.warning("MLflow unreachable (%s); buffering %d records and retrying",
+                                type(exc).__name__, len(self._pending))
+                    self._warned = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _send(self, client: Any, item: _Item) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        if item.kind == "metrics":
+            metrics, step, ts = item.payload
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+        elif item.kind == "image":
+            data, artifact_file = item.payload
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp, Path(artifact_file).name)
+                local.write_bytes(data)
+                client.log_artifact(self.run_id, str(local), str(Path(artifact_file).parent))
+        elif item.kind == "text":
+            text, artifact_file = item.payload
+            client.log_text(self.run_id, text, artifact_file)
+        elif item.kind == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in item.payload.items()])
+
+
+def _to_json(item: _Item) -> dict[str, Any]:
+    if item.kind == "image":
+        return {"kind": "image", "artifact_file": item.payload[1], "bytes": len(item.payload[0])}
+    return {"kind": item.kind, "payload": item.payload}
+
+
+def _safe(uri: str) -> str:
+    """A URI without user:password."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

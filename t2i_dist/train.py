@@ -1,0 +1,82 @@
+"""python -m t2i_dist.train --config NAME|PATH [key.sub=value ...]
+
+Validates everything it can on the driver (config, shards, storage, tracking) before any Ray worker starts,
+then trains on a Ray cluster (joined through RAY_ADDRESS / cluster.address, else started locally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from t2i_dist.config import ConfigError, load_config, shipped_configs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i_dist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="ldm-tiny", help=f"shipped name ({', '.join(shipped_configs())}) or path")
+    parser.add_argument("--resume", default=None, help="start from this checkpoint directory (local or s3://)")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print parameter counts and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.zero_stage=3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from t2i_dist.params import print_parameter_counts
+
+    if args.dry_run:
+        print_parameter_counts(cfg)
+        return 0
+
+    from t2i_dist import launch
+    from t2i_dist.data.shards import DataError, preflight
+
+    try:
+        shards = preflight(cfg.data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    launch.check_storage(cfg)
+    print(f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
+          f"workers, global batch {cfg.global_batch_size}, {cfg.run.max_steps} steps")
+    run_dir = f"{launch.storage_uri(cfg).rstrip('/')}/{cfg.run.name}"
+    run_info = launch.start_tracking(cfg, run_dir)
+    # workers get the resolved list: their working directory is not the driver's
+    run_info["shards"] = [s if "://" in s else os.path.abspath(s) for s in shards]
+    launch.connect_ray(cfg)
+    trainer = launch.build_trainer(cfg, run_info, resume=args.resume)
+    start = time.time()
+    result = trainer.fit()
+    elapsed = time.time() - start
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    print(f"[t2i_dist] finished in {elapsed:.0f}s; last checkpoint: {checkpoint}")
+    if run_info.get("mlflow_run_id"):
+        from t2i_dist.tracking import client_for
+
+        try:
+            client = client_for(run_info["tracking_uri"])
+            client.set_tag(run_info["mlflow_run_id"], "t2i_dist.checkpoint", str(checkpoint))
+            client.set_terminated(run_info["mlflow_run_id"])
+        except Exception as exc:  # noqa: BLE001
+            print(f"[t2i_dist] WARNING: could not finalise the MLflow run ({type(exc).__name__})")
+        uri = run_info["tracking_uri"]
+        print(f"[t2i_dist] MLflow run {run_info['mlflow_run_id']} at {uri}")
+        if uri.startswith("file:"):
+            print(f"[t2i_dist] open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    if checkpoint:
+        print(f"[t2i_dist] sample with: python -m t2i_dist.sample --checkpoint {checkpoint} --prompt \"a red circle\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
