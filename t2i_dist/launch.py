@@ -67,7 +67,7 @@ def start_tracking(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Create (or, for a relaunch of the same run, reuse) the MLflow run. Never fatal."""
     uri = resolve_tracking_uri(cfg.tracking.uri)
     info: dict[str, Any] = {"tracking_uri": uri, "fallback_dir": str(Path("runs", cfg.run.name).resolve())}
-    previous = _read_run_info(run_dir)
+    previous = _read_run_info(run_dir, cfg)
     if previous and previous.get("tracking_uri") == uri:
         info["mlflow_run_id"] = previous["mlflow_run_id"]
         print(f"[t2i_dist] continuing MLflow run {info['mlflow_run_id']}")
@@ -85,7 +85,7 @@ def start_tracking(cfg: Config, run_dir: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
         print(f"[t2i_dist] WARNING: could not create an MLflow run ({type(exc).__name__}); training untracked")
         return info
-    _write_run_info(run_dir, info)
+    _write_run_info(run_dir, info, cfg)
     return info
 
 
@@ -93,20 +93,23 @@ def _run_info_path(run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/t2i_run.json"
 
 
-def _read_run_info(run_dir: str) -> dict[str, Any] | None:
-    import fsspec
+def _read_run_info(run_dir: str, cfg: Config) -> dict[str, Any] | None:
+    from t2i_dist.data.s3 import filesystem
 
+    fs, path = filesystem(_run_info_path(run_dir), cfg.data.s3)
     try:
-        with fsspec.open(_run_info_path(run_dir), "r") as fh:
+        with fs.open(path, "r") as fh:
             return json.load(fh)
     except (FileNotFoundError, OSError, ValueError):
         return None
 
 
-def _write_run_info(run_dir: str, info: dict[str, Any]) -> None:
-    import fsspec
+def _write_run_info(run_dir: str, info: dict[str, Any], cfg: Config) -> None:
+    from t2i_dist.data.s3 import filesystem
 
-    with fsspec.open(_run_info_path(run_dir), "w", auto_mkdir=True) as fh:
+    fs, path = filesystem(_run_info_path(run_dir), cfg.data.s3)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as fh:
         json.dump({k: info[k] for k in ("tracking_uri", "mlflow_run_id")}, fh)
 
 
@@ -128,6 +131,27 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+def ray_storage_filesystem(uri: str, cfg: Config):
+    """A pyarrow view of the fsspec filesystem the data pipeline uses (same endpoint and retries). Ray ships
+    it to its controller process, which does not share the driver's environment, so the driver's resolved
+    credentials travel inside it (pickled into Ray's object store, never logged)."""
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from t2i_dist.data.s3 import storage_options
+
+    options = storage_options(uri, cfg.data.s3)
+    if uri.startswith(("s3://", "s3a://")) and not cfg.data.s3.anon:
+        import botocore.session
+
+        credentials = botocore.session.get_session().get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
 def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = None):
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,6 +162,10 @@ def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = No
     backend = c.backend if c.backend != "auto" else ("nccl" if c.use_gpu else "gloo")
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
     env = {**forwarded_env(), "OMP_NUM_THREADS": str(c.threads_per_worker)}
+    storage_path, storage_filesystem = storage_uri(cfg), None
+    if "://" in storage_path:
+        # the same fsspec filesystem (endpoint, credentials, retries) the data pipeline uses, for Ray too
+        storage_filesystem, storage_path = ray_storage_filesystem(storage_path, cfg)
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_info": run_info},
@@ -145,7 +173,8 @@ def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = No
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage_uri(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": env},

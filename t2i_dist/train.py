@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     result = trainer.fit()
     elapsed = time.time() - start
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
+    if result.checkpoint:
+        # remote storage hands back a path inside the bucket
+        base = launch.storage_uri(cfg)
+        checkpoint = result.checkpoint.path
+        if "://" in base and "://" not in checkpoint:
+            checkpoint = f"{base.split('://')[0]}://{checkpoint}"
     print(f"[t2i_dist] finished in {elapsed:.0f}s; last checkpoint: {checkpoint}")
     if run_info.get("mlflow_run_id"):
         from t2i_dist.tracking import client_for

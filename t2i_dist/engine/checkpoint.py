@@ -16,6 +16,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -140,18 +141,21 @@ def remove_local_dir(directory: Path) -> None:
 
 
 def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config dict, inference state) from a checkpoint directory, local or remote (s3://)."""
-    import ray.train
+    """(config dict, inference state) from a checkpoint directory, local or remote (s3://); only the two files
+    sampling needs are read, not the optimizer shards."""
+    from t2i_dist.config import S3Section
+    from t2i_dist.data.s3 import filesystem
 
-    ckpt = ray.train.Checkpoint(checkpoint) if "://" in checkpoint else ray.train.Checkpoint(
-        str(Path(checkpoint).resolve()))
-    with ckpt.as_directory() as d:
-        d = Path(d)
-        if not (d / "config.json").is_file() or not (d / "inference.pt").is_file():
-            raise CheckpointError(
-                f"{checkpoint} is not a t2i_dist checkpoint (config.json / inference.pt missing); pass a "
-                "checkpoint_* directory from the run's storage path"
-            )
-        config = json.loads((d / "config.json").read_text())
-        state = torch.load(d / "inference.pt", map_location="cpu", weights_only=False)
+    fs, root = filesystem(checkpoint, S3Section())
+    root = root.rstrip("/")
+    config_path, weights_path = f"{root}/config.json", f"{root}/inference.pt"
+    if not fs.exists(config_path) or not fs.exists(weights_path):
+        raise CheckpointError(
+            f"{checkpoint} is not a t2i_dist checkpoint (config.json / inference.pt missing); pass a "
+            "checkpoint_* directory from the run's storage path"
+        )
+    with fs.open(config_path, "rb") as fh:
+        config = json.loads(fh.read())
+    with fs.open(weights_path, "rb") as fh:
+        state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=False)
     return config, state
