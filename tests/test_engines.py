@@ -62,3 +62,61 @@ def test_bf16_zero2_trains():
     for r in run_distributed(_bf16, world=2):
         assert r["dtype"] == "torch.bfloat16"
         assert all(torch.isfinite(torch.tensor(r["losses"])))
+
+
+def _save_and_restore(rank: int, world: int, directory: str):
+    from pathlib import Path
+
+    from t2i_dist.engine.checkpoint import restore_checkpoint, verify_checkpoint, write_checkpoint
+
+    plugin, engines, _ = _build(rank, world, ["deepspeed.zero_stage=2"])
+    plugin.after_optimizer_step(3)
+    ema_before = [p.clone() for p in plugin.ema.shadow_params]
+    weights_before = [p.detach().clone() for p in plugin.unet.parameters()]
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)  # a shared directory stands in for Ray's merged checkpoint here
+    write_checkpoint(d, engines, plugin, rank=rank, world_size=world, step=3, data_state={"rank": rank},
+                     config={}, run_info={})
+    torch.distributed.barrier()
+    verify_checkpoint(d)
+
+    fresh, fresh_engines, _ = _build(rank, world, ["deepspeed.zero_stage=2", "run.seed=7"])
+    state, data_state = restore_checkpoint(d, fresh_engines, fresh, rank=rank, world_size=world)
+    return {
+        "step": state["step"],
+        "data_state": data_state,
+        "ema_equal": all(torch.equal(a, b) for a, b in zip(ema_before, fresh.ema.shadow_params, strict=True)),
+        "weights_equal": all(torch.equal(a, b.detach()) for a, b in
+                             zip(weights_before, fresh.unet.parameters(), strict=True)),
+        "global_steps": fresh_engines["unet"].global_steps,
+    }
+
+
+def test_checkpoint_restores_step_weights_ema_and_data_position(tmp_path):
+    results = run_distributed(_save_and_restore, world=2, args=(str(tmp_path / "ckpt"),))
+    for rank, r in enumerate(results):
+        assert r["step"] == 3 and r["global_steps"] == 3
+        assert r["data_state"] == {"rank": rank}
+        assert r["ema_equal"] and r["weights_equal"]
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint
+
+    d = tmp_path / "ckpt"
+    (d / "manifest").mkdir(parents=True)
+    (d / "weights.bin").write_bytes(b"x" * 100)
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "world_size": 2}))
+    (d / "manifest" / "rank0.json").write_text(json.dumps({"files": {"weights.bin": {"size": 100, "sha256": "0"}}}))
+    with pytest.raises(CheckpointError, match="rank 1 is missing"):
+        verify_checkpoint(d)
+    (d / "manifest" / "rank1.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(CheckpointError, match="checksum"):
+        verify_checkpoint(d)
+    (d / "weights.bin").write_bytes(b"x" * 50)
+    with pytest.raises(CheckpointError, match="truncated"):
+        verify_checkpoint(d)
