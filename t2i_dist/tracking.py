@@ -28,7 +28,21 @@ def resolve_tracking_uri(configured: str | None, workdir: str | os.PathLike = ".
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return Path(workdir, "mlruns").resolve().as_uri()
+    return local_store_uri(workdir)
+
+
+def local_store_uri(workdir: str | os.PathLike = ".") -> str:
+    """The default store: sqlite under ./mlruns (MLflow 3 no longer accepts a plain directory store)."""
+    root = Path(workdir, "mlruns").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database, not in the current directory."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
 
 
 def client_for(uri: str):
@@ -44,7 +58,8 @@ def create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
 
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=_artifact_location(uri))
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -58,7 +73,7 @@ def create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
 
 @dataclass
 class _Item:
-    kind: str  # metrics | image | text | tags | terminate
+    kind: str  # metrics | image | text | tags | flush | terminate
     payload: Any
     attempts: int = 0
     created: float = field(default_factory=time.time)
@@ -76,6 +91,7 @@ class Tracker:
         self._warned = False
         self.sent = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts a retry back-off short (at close)
         self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
         self._thread.start()
 
@@ -94,14 +110,26 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._queue.put(_Item("tags", tags))
 
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued so far is sent; at once False while MLflow is known to be down (the
+        records stay queued for the retries and, at the end, the fallback file)."""
+        if self._warned or not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._queue.put(_Item("flush", done))
+        return done.wait(timeout_s)
+
     def close(self, timeout_s: float = 30.0) -> Path | None:
-        """Flush; what cannot be sent within the timeout goes to a JSONL fallback file (path returned)."""
+        """Flush; what cannot be sent within the timeout goes to a JSONL fallback file (path returned). While
+        MLflow is down this costs one more attempt, not the whole timeout."""
         self._queue.put(_Item("terminate", None))
+        self._wake.set()
         self._thread.join(timeout_s)
         self._stop.set()
+        self._wake.set()
         self._thread.join(5)
         leftover = self._pending + self._drain()
-        leftover = [i for i in leftover if i.kind != "terminate"]
+        leftover = [i for i in leftover if i.kind not in ("terminate", "flush")]
         if not leftover:
             return None
         self.fallback_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +168,10 @@ class Tracker:
                         if not self._pending and self._queue.empty():
                             return
                         continue
+                    if item.kind == "flush":
+                        item.payload.set()
+                        self._pending.pop(0)
+                        continue
                     self._send(client, item)
                     self._pending.pop(0)
                     self.sent += 1
@@ -152,7 +184,10 @@ class Tracker:
                     log.warning("MLflow unreachable (%s); buffering %d records and retrying",
                                 type(exc).__name__, len(self._pending))
                     self._warned = True
-                self._stop.wait(backoff)
+                if any(i.kind == "terminate" for i in self._pending):
+                    return  # closing while MLflow is down: close() writes the rest to the fallback file
+                self._wake.wait(backoff)
+                self._wake.clear()
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     def _send(self, client: Any, item: _Item) -> None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[t2i_dist] WARNING: could not finalise the MLflow run ({type(exc).__name__})")
         uri = run_info["tracking_uri"]
         print(f"[t2i_dist] MLflow run {run_info['mlflow_run_id']} at {uri}")
-        if uri.startswith("file:"):
+        if uri.startswith(("file:", "sqlite:")):
             print(f"[t2i_dist] open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     if checkpoint:
         print(f"[t2i_dist] sample with: python -m t2i_dist.sample --checkpoint {checkpoint} --prompt \"a red circle\"")
