@@ -12,7 +12,7 @@ from t2i_dist.config import ConfigError, load_config, shipped_configs
 
 def test_shipped_configs_validate():
     names = shipped_configs()
-    assert {"ldm-tiny", "study-ldm-128"} <= set(names)
+    assert {"ldm-tiny", "study-ldm-128", "galip-tiny", "study-galip-128"} <= set(names)
     for name in names:
         assert load_config(name).run.name
 

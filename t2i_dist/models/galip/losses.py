@@ -1,0 +1,97 @@
+"""GALIP's objectives: hinge adversarial loss with mismatched-text negatives, the matching-aware gradient
+penalty (MA-GP) and the CLIP text-image similarity term of the generator.
+
+How the discriminator runs under DeepSpeed: `torch.autograd.grad(create_graph=True)` on the output of
+`engine(...)` fails at every ZeRO stage (the engine's output hooks take it for a bare tensor.backward()), so
+the penalty's forward uses the engine's raw module while the other terms go through the engine itself, whose
+forward also resets the per-step gradient-hook state ZeRO keeps. One `engine.backward(loss)` then reduces the
+gradients of all terms, including the penalty's second-order ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def hinge_real(scores: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - scores.float()).mean()
+
+
+def hinge_fake(scores: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 + scores.float()).mean()
+
+
+def mismatched(sentence: torch.Tensor) -> torch.Tensor:
+    """Each sample paired with the next sample's sentence vector (the batch rotated by one)."""
+    return torch.roll(sentence, shifts=-1, dims=0)
+
+
+def ma_gp(scores: torch.Tensor, features: torch.Tensor, sentence: torch.Tensor, k: float, p: float) -> torch.Tensor:
+    """k * mean(||d score / d (features, sentence)||_2 ** p) on real, matching pairs; differentiable (the
+    gradient is built with create_graph) so its own gradient reaches the discriminator's weights."""
+    grads = torch.autograd.grad(scores.sum(), (features, sentence), create_graph=True)
+    flat = torch.cat([g.float().flatten(1) for g in grads], dim=1)
+    return k * flat.norm(dim=1).pow(p).mean()
+
+
+@dataclass
+class DiscriminatorTerms:
+    loss: torch.Tensor
+    penalty: torch.Tensor
+    real: torch.Tensor  # mean score of real, matching pairs
+    fake: torch.Tensor
+    mismatch: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"loss_d": self.loss.detach(), "ma_gp": self.penalty.detach(), "d_real": self.real.detach(),
+                "d_fake": self.fake.detach(), "d_mismatch": self.mismatch.detach()}
+
+
+def discriminator_loss(
+    engine_forward: ScoreFn,
+    raw_forward: ScoreFn,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    sentence: torch.Tensor,
+    k: float,
+    p: float,
+) -> DiscriminatorTerms:
+    """D loss = hinge(real) + (hinge(fake) + hinge(real with mismatched text)) / 2 + MA-GP.
+
+    `engine_forward` is the DeepSpeed engine call, `raw_forward` its module (for the penalty's double
+    backward); both score CLIP features (B, layers, width, g, g) against sentence vectors (B, D)."""
+    n = real.shape[0]
+    real, sentence = real.detach(), sentence.detach()
+    scores = engine_forward(torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]))
+    d_fake, d_mismatch = scores[:n], scores[n:]
+    real_in = real.clone().requires_grad_(True)
+    sentence_in = sentence.clone().requires_grad_(True)
+    d_real = raw_forward(real_in, sentence_in)
+    penalty = ma_gp(d_real, real_in, sentence_in, k, p)
+    loss = hinge_real(d_real) + (hinge_fake(d_fake) + hinge_fake(d_mismatch)) / 2 + penalty
+    return DiscriminatorTerms(loss, penalty, d_real.float().mean(), d_fake.float().mean(), d_mismatch.float().mean())
+
+
+def score_without_weight_grads(module: nn.Module, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+    """Discriminator scores that pass gradients to the inputs only: the generator's step must neither touch
+    the discriminator's gradients nor fire its engine's reduction hooks."""
+    detached = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, detached, (features, sentence))
+
+
+def clip_similarity(image_embedding: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(image_embedding.float(), sentence.float(), dim=-1).mean()
+
+
+def generator_loss(scores: torch.Tensor, image_embedding: torch.Tensor, sentence: torch.Tensor,
+                   clip_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """G loss = -mean D score - clip_weight * cos(CLIP image embedding, sentence); returns (loss, similarity)."""
+    similarity = clip_similarity(image_embedding, sentence)
+    return -scores.float().mean() - clip_weight * similarity, similarity

@@ -1,0 +1,181 @@
+"""GALIP as a model plug-in: two DeepSpeed engines (Mate-D, Mate-G) around one frozen, shared CLIP.
+
+Each train_step is one discriminator step then one generator step on the same micro-batch and fakes, as in
+the paper. The CLIP stays outside both engines (passed to the networks at call time), so ZeRO partitions and
+casts only the trained weights and every rank holds the same full CLIP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from t2i_dist.config import Config
+from t2i_dist.models.base import Batch, ModelPlugin, Trainable
+from t2i_dist.models.clip import FrozenClipText, load_clip
+from t2i_dist.models.galip.config import GALIPConfig
+from t2i_dist.models.galip.discriminator import MateDiscriminator
+from t2i_dist.models.galip.generator import MateGenerator
+from t2i_dist.models.galip.losses import discriminator_loss, generator_loss, score_without_weight_grads
+from t2i_dist.models.galip.vision import ClipVision
+
+
+def zero3_gathered(params: list[nn.Parameter]):
+    """Gather ZeRO-3 partitioned parameters for reading (collective: every rank must enter); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class GALIPPlugin(ModelPlugin):
+    family = "galip"
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, device, dtype)
+        m: GALIPConfig = cfg.model  # type: ignore[assignment]
+        self.m = m
+        # A random-weight CLIP is replicated, not broadcast: build everything from the run seed so every rank
+        # (and the sampling CLI) gets the same frozen weights, without disturbing the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            # built on the CPU (one RNG for every device), or on meta when only counting parameters
+            self.clip_model = load_clip(m.clip, "meta" if device.type == "meta" else "cpu")
+            self.text_encoder = FrozenClipText(m.clip, self.clip_model)
+            self.vision = ClipVision(self.clip_model, checkpoint_blocks=cfg.deepspeed.gradient_checkpointing)
+            self._check_indices()
+            v, sentence_dim = self.vision, self.text_encoder.embed_dim
+            self.generator_net = MateGenerator(m, sentence_dim, v.width, v.grid, cfg.data.resolution)
+            self.discriminator_net = MateDiscriminator(m, v.width, v.grid, sentence_dim)
+        for module in (self.text_encoder, self.vision, self.generator_net, self.discriminator_net):
+            module.to(device)
+        self._micro_step = (-1, 0)  # (step, micro-batch index within it) for per-call noise seeds
+        self._sampling_net: MateGenerator | None = None  # gathered copy when ZeRO-3 partitions Mate-G
+
+    def _check_indices(self) -> None:
+        # config validation checks these for architectures it can read; hf-hub ones are only known here
+        for key in ("prompt_blocks", "feature_layers"):
+            bad = [i for i in getattr(self.m, key) if i >= self.vision.depth]
+            if bad:
+                raise ValueError(f"model.{key} {bad} out of range: this CLIP ViT has {self.vision.depth} blocks")
+
+    # -- what the loop needs -----------------------------------------------------------------------------
+    def trainables(self) -> dict[str, Trainable]:
+        m, eps = self.m, self.cfg.optim.eps
+        return {
+            "discriminator": Trainable(self.discriminator_net, lr=m.lr_d, betas=m.betas, eps=eps,
+                                       zero_stage=m.discriminator_stage(self.cfg)),
+            "generator": Trainable(self.generator_net, lr=m.lr_g, betas=m.betas, eps=eps),
+        }
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"clip_text": self.text_encoder, "clip_vision": self.vision}
+
+    def _noise(self, n: int, step: int) -> torch.Tensor:
+        """Noise seeded by (run seed, rank, step, micro-batch): different per rank, reproduced on resume."""
+        last_step, micro = self._micro_step
+        micro = micro + 1 if step == last_step else 0
+        self._micro_step = (step, micro)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = zlib.crc32(f"{self.cfg.run.seed}/{rank}/{step}/{micro}".encode())
+        return torch.randn(n, self.m.noise_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        if batch.images is None:
+            raise ValueError("GALIP needs image batches (data.format=images)")
+        d_engine, g_engine = self.engines["discriminator"], self.engines["generator"]
+        m, taps, dt = self.m, self.m.feature_layers, self.dtype
+        images = batch.images.to(self.device, torch.float32)
+        sentence = self.text_encoder(batch.captions)["pooled"].to(dt)
+        noise = self._noise(len(batch), step).to(dt)
+        with self.autocast():
+            with torch.no_grad():
+                real, _ = self.vision.encode(images, taps, with_embedding=False)
+            fake_images = g_engine(noise, sentence, self.vision)
+            fake, fake_embedding = self.vision.encode(fake_images, taps, with_embedding=True)
+            d = discriminator_loss(d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p)
+        d_engine.backward(d.loss)
+        d_engine.step()
+        # generator step against the just-updated discriminator, reusing this step's fakes and their graph
+        with self.autocast():
+            scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence)
+            loss_g, similarity = generator_loss(scores, fake_embedding, sentence, m.clip_sim_weight)
+        g_engine.backward(loss_g)
+        g_engine.step()
+        loss_g = loss_g.detach()
+        # 'loss' is what the loop checks for finiteness: non-finite if either network's loss is
+        return {"loss": d.loss.detach() + loss_g, "loss_g": loss_g, "clip_sim": similarity.detach(), **d.metrics()}
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _generator_partitioned(self) -> bool:
+        return any(hasattr(p, "ds_id") for p in self.generator_net.parameters())
+
+    def _generator_state(self) -> dict[str, torch.Tensor]:
+        """fp32 copy of Mate-G's weights; collective when ZeRO-3 partitions them."""
+        with zero3_gathered(list(self.generator_net.parameters())):
+            return {k: v.detach().float().cpu().clone() for k, v in self.generator_net.state_dict().items()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        # The loop samples on rank 0 alone, which cannot gather a ZeRO-3 generator: every rank takes part in
+        # a gathered snapshot here, on the steps that sample (grids, in-training evaluation).
+        run, every = self.cfg.run, (self.cfg.run.sample_every, self.cfg.eval.every)
+        if step == run.max_steps or any(n and step % n == 0 for n in every):
+            self._refresh_sampling_snapshot()
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        # called on every rank right after the engines were restored: a resumed run may sample before it steps
+        self._refresh_sampling_snapshot()
+
+    def _refresh_sampling_snapshot(self) -> None:
+        if not self._generator_partitioned():
+            return
+        snapshot = self._sampling_net or MateGenerator(self.m, self.text_encoder.embed_dim, self.vision.width,
+                                                       self.vision.grid, self.cfg.data.resolution)
+        snapshot.load_state_dict(self._generator_state())
+        self._sampling_net = snapshot.to(self.device).eval().requires_grad_(False)
+
+    def inference_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self._generator_state()}
+        if self.m.clip.pretrained is None:
+            # random CLIP weights cannot be reloaded from anywhere else; they are part of the generator's function
+            state["clip"] = {k: v.detach().cpu().clone() for k, v in self.clip_model.state_dict().items()}
+        return state
+
+    def load_inference_state(self, state: dict[str, Any]) -> None:
+        self.generator_net.load_state_dict(state["generator"])
+        if "clip" in state:
+            self.clip_model.load_state_dict(state["clip"])
+        self.generator_net.eval()
+
+    def _net_for_sampling(self) -> nn.Module:
+        if not self._generator_partitioned():
+            return self.generator_net  # the engine's module while training (DeepSpeed wraps it in place)
+        if self._sampling_net is None:
+            raise RuntimeError("Mate-G is partitioned by ZeRO-3 and no gathered snapshot exists yet: snapshots are "
+                               "taken in after_optimizer_step on sampling steps (run.sample_every, eval.every)")
+        return self._sampling_net
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], **options: Any) -> torch.Tensor:
+        """One generator forward pass; the image for (prompt, seed) depends on nothing else."""
+        unknown = sorted(k for k, v in options.items() if v is not None)
+        if unknown:
+            raise ValueError(f"GALIP sampling is one forward pass and takes no options; got {unknown}")
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        net = self._net_for_sampling()
+        dt = next(net.parameters()).dtype
+        noise = torch.stack([
+            torch.randn(self.m.noise_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds
+        ]).to(self.device, dt)
+        sentence = self.text_encoder(prompts)["pooled"].to(dt)
+        autocast = torch.autocast(self.device.type, dtype=dt) if dt != torch.float32 else contextlib.nullcontext()
+        with autocast:
+            images = net(noise, sentence, self.vision)
+        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -1,0 +1,134 @@
+"""GALIP's networks, configuration checks and sampling, in one process on the tiny CLIP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i_dist.config import ConfigError, load_config
+from t2i_dist.models.galip.losses import hinge_fake, hinge_real, ma_gp, mismatched
+from t2i_dist.models.galip.plugin import GALIPPlugin
+
+TINY = ["deepspeed.micro_batch_size=4", "model.ngf=4", "model.ndf=4", "model.noise_dim=8", "model.bridge_channels=8",
+        "model.bridge_mid_channels=4", "model.bridge_blocks=1"]
+
+
+def tiny_plugin(*overrides: str) -> GALIPPlugin:
+    return GALIPPlugin(load_config("galip-tiny", [*TINY, *overrides]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["deepspeed.zero_stage=3"], "model.discriminator_zero_stage=2"),
+        (["model.discriminator_zero_stage=3"], "model.discriminator_zero_stage"),
+        (["data.format=latents"], "data.format=images"),
+        (["data.resolution=48"], "power of two"),
+        (["deepspeed.micro_batch_size=1"], "micro_batch_size must be >= 2"),
+        (["model.feature_layers=[1, 4]"], "model.feature_layers [4] out of range"),
+        (["model.prompt_blocks=[2, 1]"], "ascending"),
+    ],
+)
+def test_bad_galip_settings_fail_at_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("galip-tiny", overrides)
+
+
+def test_generator_may_use_zero3_when_the_discriminator_does_not():
+    cfg = load_config("galip-tiny", ["deepspeed.zero_stage=3", "model.discriminator_zero_stage=2"])
+    trainables = GALIPPlugin(cfg, torch.device("cpu")).trainables()
+    assert list(trainables) == ["discriminator", "generator"]  # one engine each, D first
+    assert trainables["discriminator"].zero_stage == 2 and trainables["generator"].zero_stage is None
+    assert (trainables["discriminator"].lr, trainables["generator"].lr) == (4e-4, 1e-4)
+    assert trainables["generator"].betas == (0.0, 0.9)
+
+
+def test_study_config_is_the_paper_setting():
+    m = load_config("study-galip-128").model
+    assert m.clip.name == "ViT-B-32" and len(m.prompt_blocks) == 8 and m.feature_layers == [1, 4, 8]
+
+
+def test_engines_hold_no_clip_weights():
+    plugin = tiny_plugin()
+    clip_ids = {id(p) for p in plugin.clip_model.parameters()}
+    for trainable in plugin.trainables().values():
+        assert not clip_ids & {id(p) for p in trainable.module.parameters()}
+    frozen_ids = {id(p) for module in plugin.frozen().values() for p in module.parameters()}
+    assert len(clip_ids - frozen_ids) == 1  # the frozen set is the whole CLIP but its unused logit scale
+    counts = plugin.parameter_counts()
+    assert counts["params/trainable"] == counts["params/discriminator"] + counts["params/generator"]
+    assert counts["params/total"] == counts["params/trainable"] + counts["params/clip_text"] + counts["params/clip_vision"]
+
+
+def test_vision_tower_reproduces_open_clip_image_embedding():
+    plugin = tiny_plugin()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        features, embedding = plugin.vision.encode(images, [1, 3], with_embedding=True)
+        expected = plugin.clip_model.encode_image(plugin.vision.normalize(images))
+    torch.testing.assert_close(embedding, expected)
+    assert features.shape == (2, 2, plugin.vision.width, plugin.vision.grid, plugin.vision.grid)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_generator_trains_through_the_frozen_clip(resolution):
+    plugin = tiny_plugin(f"data.resolution={resolution}")
+    g = plugin.generator_net
+    noise, sentence = torch.randn(2, 8), plugin.text_encoder(["a red circle", "a blue square"])["pooled"]
+    images = g(noise, sentence, plugin.vision)
+    assert images.shape == (2, 3, resolution, resolution)
+    _, embedding = plugin.vision.encode(images, [1], with_embedding=True)
+    embedding.sum().backward()
+    # the bridge sits before the ViT: its gradient crossed every frozen block; the ViT itself stays untouched
+    assert g.bridge.fc.weight.grad.abs().sum() > 0
+    assert g.prompts.fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in plugin.clip_model.parameters())
+
+
+def test_checkpointed_clip_blocks_give_the_same_gradients():
+    grads = []
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        plugin = tiny_plugin(f"deepspeed.gradient_checkpointing={flag}")
+        images = plugin.generator_net(torch.randn(2, 8), torch.randn(2, 64), plugin.vision)
+        plugin.vision.encode(images, [1, 2], with_embedding=True)[1].square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in plugin.generator_net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_sampling_depends_only_on_prompt_and_seed_and_survives_a_reload():
+    plugin = tiny_plugin()
+    with torch.no_grad():  # make the weights non-trivial so the round trip is a real check
+        for p in plugin.generator_net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    a = plugin.sample(["a red circle", "a blue square", "a red circle"], [0, 0, 1])
+    b = plugin.sample(["a red circle"], [0])
+    assert a.shape == (3, 3, 32, 32) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a[0], b[0])  # independent of the other images in the batch
+    assert not torch.equal(a[0], a[2])  # the seed matters
+    state = plugin.inference_state()
+    assert "clip" in state  # random CLIP weights travel with the checkpoint
+    fresh = tiny_plugin("run.seed=7")  # different random init everywhere
+    fresh.load_inference_state(state)
+    torch.testing.assert_close(fresh.sample(["a red circle"], [0]), b)
+    with pytest.raises(ValueError, match="no options"):
+        plugin.sample(["x"], [0], steps=10)
+
+
+def test_ma_gp_matches_its_closed_form_on_a_linear_critic():
+    # score = <w, x> + <v, s> has gradient (w, v) everywhere: the penalty is k * ||(w, v)||^p exactly
+    w, v = torch.randn(2, 3, 4, 4), torch.randn(5)
+    features = torch.randn(6, 2, 3, 4, 4, requires_grad=True)
+    sentence = torch.randn(6, 5, requires_grad=True)
+    scores = (features * w).flatten(1).sum(1) + sentence @ v
+    penalty = ma_gp(scores, features, sentence, k=2.0, p=6.0)
+    expected = 2.0 * (w.square().sum() + v.square().sum()).sqrt() ** 6
+    torch.testing.assert_close(penalty, expected)
+
+
+def test_hinge_terms_and_mismatched_pairs():
+    d = {"real": torch.tensor([2.0, 0.5]), "fake": torch.tensor([-2.0, 0.5])}
+    assert float(hinge_real(d["real"])) == pytest.approx(0.25)  # only the 0.5 score is inside the margin
+    assert float(hinge_fake(d["fake"])) == pytest.approx(0.75)
+    sentence = torch.arange(6.0).view(3, 2)
+    assert mismatched(sentence).tolist() == [[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]]  # no sample keeps its own text
