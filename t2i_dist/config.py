@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from t2i_dist.models.component_config import ClipConfig
 from t2i_dist.models.galip.config import GALIPConfig
 from t2i_dist.models.ldm_config import LDMConfig
 
@@ -115,6 +116,11 @@ class EvalSection(Section):
     captions: str | None = Field(None, description="caption/image shards; None uses data.urls")
     inception_path: str | None = None
     reference_cache: str | None = None
+    resolution: int | None = Field(None, ge=8, description="None uses data.resolution")
+    resize: Literal["clean", "legacy_tf"] = Field("clean", description="resize to 299 px before Inception")
+    inception_head_path: str | None = Field(None, description="full Inception weights with the classifier (IS)")
+    clip: ClipConfig | None = Field(None, description="CLIP for CLIP score; needs pretrained weights")
+    alignment_classifier: str | None = Field(None, description="None trains one on first use (synthetic data)")
 
 
 ModelConfig = Annotated[LDMConfig | GALIPConfig, Field(discriminator="family")]
