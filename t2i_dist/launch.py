@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import yaml
 
 from t2i_dist.config import Config, flatten, redact
-from t2i_dist.tracking import create_run, resolve_tracking_uri
+from t2i_dist.tracking import create_run, local_store_uri, resolve_tracking_uri
 
 log = logging.getLogger("t2i_dist.launch")
 
@@ -24,11 +28,29 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 # environment the workers need when the driver joins a remote cluster (their raylet's env is not ours)
 FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "T2I_", "HF_", "S3_")
+# forwarded variables whose value is a credential: they must not travel in Ray's runtime_env, which Ray's
+# runtime-env agent writes to its log in full
+SECRET_NAME_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
+PREEMPTION_REQUEST_FILE = "preemption_request"
 
 
 def storage_uri(cfg: Config) -> str:
     path = cfg.cluster.storage_path
     return path if "://" in path else str(Path(path).resolve())
+
+
+def with_absolute_local_paths(cfg: Config) -> Config:
+    """Workers run in other directories: relative local data paths are made absolute on the driver."""
+    def absolute(url: str) -> str:
+        return url if "://" in url or os.path.isabs(url) else os.path.abspath(url)
+
+    raw = cfg.to_dict()
+    urls = raw["data"]["urls"]
+    raw["data"]["urls"] = [absolute(u) for u in urls] if isinstance(urls, list) else absolute(urls)
+    if raw["eval"].get("captions"):
+        raw["eval"]["captions"] = absolute(raw["eval"]["captions"])
+    return Config.model_validate(raw)
 
 
 def check_storage(cfg: Config) -> None:
@@ -63,9 +85,38 @@ def tracking_reachable(uri: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def without_url_credentials(obj: Any) -> Any:
+    """Every string with `scheme://user:password@host` gets `scheme://***@host` (recursively in dicts and lists)."""
+    if isinstance(obj, str):
+        return URL_USERINFO.sub(r"\g<scheme>***@", obj)
+    if isinstance(obj, dict):
+        return {k: without_url_credentials(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [without_url_credentials(v) for v in obj]
+    return obj
+
+
+def loggable_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config without secrets: secret-looking keys and credentials inside URLs are masked."""
+    return without_url_credentials(redact(cfg.to_dict()))
+
+
+def move_credentials_to_env(uri: str) -> str:
+    """A tracking URI with user:password@ becomes the bare URI plus MLFLOW_TRACKING_USERNAME/PASSWORD, which
+    MLflow reads itself: the URI is then safe to print, store in run files and hand to workers."""
+    parsed = urlparse(uri)
+    if not parsed.username and not parsed.password:
+        return uri
+    if parsed.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parsed.username)
+    if parsed.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parsed.password)
+    return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]).geturl()
+
+
 def start_tracking(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Create (or, for a relaunch of the same run, reuse) the MLflow run. Never fatal."""
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+    uri = move_credentials_to_env(resolve_tracking_uri(cfg.tracking.uri))
     info: dict[str, Any] = {"tracking_uri": uri, "fallback_dir": str(Path("runs", cfg.run.name).resolve())}
     previous = _read_run_info(run_dir, cfg)
     if previous and previous.get("tracking_uri") == uri:
@@ -73,15 +124,15 @@ def start_tracking(cfg: Config, run_dir: str) -> dict[str, Any]:
         print(f"[t2i_dist] continuing MLflow run {info['mlflow_run_id']}")
         return info
     if not tracking_reachable(uri):
-        fallback = Path("mlruns").resolve().as_uri()
+        fallback = local_store_uri()
         print(f"[t2i_dist] WARNING: MLflow at {uri} is unreachable; logging to the local store {fallback}")
         uri = info["tracking_uri"] = fallback
-    params = flatten(redact(cfg.to_dict()))
+    params = flatten(loggable_config(cfg))
     params["global_batch_size"] = cfg.global_batch_size
     tags = {"t2i_dist.family": cfg.model.family, "t2i_dist.run_name": cfg.run.name}
     try:
         info["mlflow_run_id"] = create_run(uri, cfg.tracking.experiment, cfg.run.name, params, tags,
-                                           yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False))
+                                           yaml.safe_dump(loggable_config(cfg), sort_keys=False))
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
         print(f"[t2i_dist] WARNING: could not create an MLflow run ({type(exc).__name__}); training untracked")
         return info
@@ -125,10 +176,39 @@ def connect_ray(cfg: Config) -> None:
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
     ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=False,
              logging_level=logging.WARNING)
+    # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
+    # would otherwise make that lookup ambiguous
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _is_secret(name: str, value: str) -> bool:
+    return any(w in name.upper() for w in SECRET_NAME_WORDS) or bool(URL_USERINFO.search(value))
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """Forwarded variables that are not credentials (these go in Ray's runtime_env)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not _is_secret(k, v)}
+
+
+class SecretEnv:
+    """Credentials for the workers, carried inside the pickled training function (Ray's object store) rather
+    than the runtime_env; printing it shows no value."""
+
+    def __init__(self, values: dict[str, str]):
+        self._values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"SecretEnv({len(self._values)} values hidden)"
+
+    __str__ = __repr__
+
+    def apply(self) -> None:
+        os.environ.update(self._values)
+
+
+def forwarded_secrets() -> SecretEnv:
+    return SecretEnv({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)
+                      and _is_secret(k, v)})
 
 
 def ray_storage_filesystem(uri: str, cfg: Config):
@@ -152,8 +232,8 @@ def ray_storage_filesystem(uri: str, cfg: Config):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
-def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = None):
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: Config, run_info: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from t2i_dist.engine.worker import train_worker
@@ -166,9 +246,11 @@ def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = No
     if "://" in storage_path:
         # the same fsspec filesystem (endpoint, credentials, retries) the data pipeline uses, for Ray too
         storage_filesystem, storage_path = ray_storage_filesystem(storage_path, cfg)
-    return TorchTrainer(
+    request = f"{storage_uri(cfg).rstrip('/')}/{cfg.run.name}/{PREEMPTION_REQUEST_FILE}"
+    trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_info": run_info},
+        train_loop_config={"config": without_url_credentials(cfg.to_dict()), "secret_env": forwarded_secrets(),
+                           "run_info": {**run_info, "preemption_request": request}},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -179,5 +261,83 @@ def build_trainer(cfg: Config, run_info: dict[str, Any], resume: str | None = No
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": env},
         ),
-        resume_from_checkpoint=Checkpoint(resume) if resume else None,
     )
+    return PreemptibleTrainer(trainer, request, cfg, run_info)
+
+
+class PreemptibleTrainer:
+    """TorchTrainer.fit plus the driver's part of fault handling.
+
+    SIGTERM (what Kubernetes sends the driver's pod, and Slurm every process of a job) writes a request file
+    into the run directory, which every worker group polls: the workers checkpoint at the end of their
+    current step and return, so fit returns normally and the next launch resumes. A worker that gets SIGTERM
+    itself does the same. If the workers have not stopped within run.preemption_grace_s the driver stops
+    (with the last checkpoint kept). Tracking records that could not be sent are reported at the end."""
+
+    def __init__(self, trainer: Any, request_url: str, cfg: Config, run_info: dict[str, Any]):
+        self.trainer = trainer
+        self.request_url = request_url
+        self.cfg = cfg
+        self.run_info = run_info
+        self.preempted = False
+        self._grace_timer: threading.Timer | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.trainer, name)
+
+    def _request_fs(self):
+        from t2i_dist.data.s3 import filesystem
+
+        return filesystem(self.request_url, self.cfg.data.s3)
+
+    def _clear_request(self) -> None:
+        fs, path = self._request_fs()
+        if fs.exists(path):
+            fs.rm(path)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.preempted:
+            raise SystemExit(128 + signum)  # asked again (or the grace period ran out): stop now
+        self.preempted = True
+        grace = self.cfg.run.preemption_grace_s
+        print(f"[t2i_dist] SIGTERM: asking the workers to checkpoint and stop (run.preemption_grace_s={grace:g})",
+              flush=True)
+        fs, path = self._request_fs()
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as fh:
+            fh.write(f"{time.time()}\n")
+        self._grace_timer = threading.Timer(grace, self._grace_over)
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
+
+    def _grace_over(self) -> None:
+        print(f"[t2i_dist] the workers did not stop within run.preemption_grace_s={self.cfg.run.preemption_grace_s:g}"
+              "; stopping the driver (the last periodic checkpoint is kept)", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def fit(self) -> Any:
+        self._clear_request()  # a request left by an earlier launch is not meant for this one
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if main else None
+        started = time.time()
+        try:
+            result = self.trainer.fit()
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            if main:  # None: the previous handler was not installed from Python
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            self._clear_request()
+            self._report_unsent_records(started)
+        step = (result.metrics or {}).get("step")
+        if step is not None and step < self.cfg.run.max_steps:
+            # the workers stopped early without an error: a SIGTERM reached them or this driver
+            print(f"[t2i_dist] preempted at step {step} of {self.cfg.run.max_steps}: relaunch the same command "
+                  "to resume from its checkpoint")
+        return result
+
+    def _report_unsent_records(self, since: float) -> None:
+        run_id = self.run_info.get("mlflow_run_id")
+        path = Path(self.run_info.get("fallback_dir", "."), f"mlflow-unsent-{run_id}.jsonl")
+        if run_id and path.is_file() and path.stat().st_mtime >= since:
+            print(f"[t2i_dist] WARNING: MLflow was unreachable; unsent tracking records were saved to {path}")

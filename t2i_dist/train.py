@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from t2i_dist.config import ConfigError, load_config, shipped_configs
 
@@ -47,16 +48,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     launch.check_storage(cfg)
+    cfg = launch.with_absolute_local_paths(cfg)
     print(f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
           f"workers, global batch {cfg.global_batch_size}, {cfg.run.max_steps} steps")
     run_dir = f"{launch.storage_uri(cfg).rstrip('/')}/{cfg.run.name}"
     run_info = launch.start_tracking(cfg, run_dir)
     # workers get the resolved list: their working directory is not the driver's
     run_info["shards"] = [s if "://" in s else os.path.abspath(s) for s in shards]
+    if args.resume:
+        resume = args.resume if "://" in args.resume else os.path.abspath(args.resume)
+        if "://" not in resume:
+            from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint
+
+            try:
+                verify_checkpoint(Path(resume))
+            except CheckpointError as exc:
+                print(f"error: --resume {args.resume}: {exc}", file=sys.stderr)
+                return 2
+        run_info["resume"] = resume
     launch.connect_ray(cfg)
-    trainer = launch.build_trainer(cfg, run_info, resume=args.resume)
+    trainer = launch.build_trainer(cfg, run_info)
     start = time.time()
-    result = trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        print(f"error: training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else root!r}",
+              file=sys.stderr)
+        print(f"[t2i_dist] the last good checkpoint (if any) is under {run_dir}", file=sys.stderr)
+        return 1
     elapsed = time.time() - start
     checkpoint = None
     if result.checkpoint:

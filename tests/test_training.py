@@ -59,6 +59,12 @@ def test_train_resume_and_sample(ray_cluster, mlflow_server, shards, workdir):
     assert steps == [*range(5, 41, 5), 45, 50], "resumed run must continue at step 40, not restart"
 
     latest = max((p for p in Path("runs/e2e").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+    # --resume starts a new run (own name, own MLflow run) from an explicit checkpoint, at its step
+    fork = [*common[:-4], "run.name=e2e-fork", "run.log_every=5", "run.checkpoint_every=20", "run.sample_every=0"]
+    assert train_main(["--config", "ldm-tiny", *fork, "run.max_steps=55", "--resume", str(latest)]) == 0
+    forked = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert [s for s, _ in metric_steps(client, forked[0].info.run_id, "loss")] == [55]
     out = workdir / "grid.png"
     proc = subprocess.run(
         [sys.executable, "-m", "t2i_dist.sample", "--checkpoint", str(latest), "--prompt", "a red circle",

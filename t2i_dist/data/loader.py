@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,9 @@ class _Readers(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
+        if info is not None:
+            # Slurm signals every process of a job: the training process decides when to stop, not its readers
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         num_workers = info.num_workers if info else 1
         reader = ((info.id if info else 0) + self.rotation) % num_workers
         torch.set_num_threads(1)  # decoding is per-sample work; threads would only compete with training

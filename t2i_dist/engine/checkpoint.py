@@ -10,6 +10,7 @@ Layout of a checkpoint directory:
   inference.pt                gathered weights for sampling (rank 0)
   config.json                 the resolved config (rank 0)
   data_state/rank{r}.json     data-loader position of rank r
+  rng_state/rank{r}.pt        torch RNG state of rank r (so a resume draws the same random numbers)
   manifest/rank{r}.json       files rank r wrote: sizes and sha256
 """
 
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 def write_checkpoint(
     directory: Path, engines: dict[str, Any], plugin: ModelPlugin, *, rank: int, world_size: int, step: int,
     data_state: dict[str, Any], config: dict[str, Any], run_info: dict[str, Any],
+    before_manifest: Callable[[Path], None] | None = None,
 ) -> None:
-    """Collective: every rank calls it with its own (local, private) directory."""
+    """Collective: every rank calls it with its own (local, private) directory. `before_manifest` runs when
+    every file but the manifest is written (fault-injection tests kill a worker there)."""
     before = {p for p in directory.rglob("*") if p.is_file()}
     for name, engine in engines.items():
         engine.save_checkpoint(str(directory / name), tag=TAG, save_latest=False)
@@ -75,6 +79,9 @@ def write_checkpoint(
         state = {"step": step, "world_size": world_size, **run_info}
         _atomic_write_bytes(directory / "trainer_state.json", json.dumps(state, indent=1).encode())
     _atomic_write_bytes(directory / "data_state" / f"rank{rank}.json", json.dumps(data_state).encode())
+    _atomic_torch_save(_rng_state(), directory / "rng_state" / f"rank{rank}.pt")
+    if before_manifest is not None:
+        before_manifest(directory)
     written = sorted(p for p in directory.rglob("*") if p.is_file() and p not in before)
     manifest = {
         "rank": rank,
@@ -85,6 +92,17 @@ def write_checkpoint(
     _atomic_write_bytes(directory / "manifest" / f"rank{rank}.json", json.dumps(manifest, indent=1).encode())
 
 
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def verify_checkpoint(directory: Path, check_hashes: bool = True) -> dict[str, Any]:
     """Raise CheckpointError unless every rank's manifest is present and every file it lists is intact."""
     directory = Path(directory)
@@ -92,10 +110,11 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True) -> dict[str, A
     if not state_file.is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint: trainer_state.json is missing")
     state = json.loads(state_file.read_text())
-    for rank in range(state["world_size"]):
-        mf = directory / "manifest" / f"rank{rank}.json"
+    manifests = [directory / "manifest" / f"rank{rank}.json" for rank in range(state["world_size"])]
+    for rank, mf in enumerate(manifests):
         if not mf.is_file():
             raise CheckpointError(f"{directory}: manifest of rank {rank} is missing (interrupted save?)")
+    for mf in manifests:
         for rel, meta in json.loads(mf.read_text())["files"].items():
             path = directory / rel
             if not path.is_file() or path.stat().st_size != meta["size"]:
@@ -120,6 +139,9 @@ def restore_checkpoint(
     data_file = directory / "data_state" / f"rank{rank}.json"
     if state["world_size"] == world_size and data_file.is_file():
         data_state = json.loads(data_file.read_text())
+    rng_file = directory / "rng_state" / f"rank{rank}.pt"
+    if state["world_size"] == world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     elif state["world_size"] != world_size:
         log.warning("checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
                     state["world_size"], world_size)
@@ -154,8 +176,18 @@ def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]
             f"{checkpoint} is not a t2i_dist checkpoint (config.json / inference.pt missing); pass a "
             "checkpoint_* directory from the run's storage path"
         )
-    with fs.open(config_path, "rb") as fh:
-        config = json.loads(fh.read())
-    with fs.open(weights_path, "rb") as fh:
-        state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=False)
+    manifest_path = f"{root}/manifest/rank0.json"
+    if not fs.exists(manifest_path):
+        raise CheckpointError(f"{checkpoint} is incomplete: manifest/rank0.json is missing (interrupted save?); "
+                              "use an earlier checkpoint_* directory of the run")
+    with fs.open(manifest_path, "rb") as fh:
+        listed = json.loads(fh.read())["files"]
+    contents = {}
+    for name, path in (("config.json", config_path), ("inference.pt", weights_path)):
+        with fs.open(path, "rb") as fh:
+            contents[name] = fh.read()
+        if name not in listed or hashlib.sha256(contents[name]).hexdigest() != listed[name]["sha256"]:
+            raise CheckpointError(f"{checkpoint}: {name} does not match its manifest (truncated or replaced)")
+    config = json.loads(contents["config.json"])
+    state = torch.load(io.BytesIO(contents["inference.pt"]), map_location="cpu", weights_only=False)
     return config, state
