@@ -72,6 +72,8 @@ def _save_and_restore(rank: int, world: int, directory: str):
     plugin, engines, _ = _build(rank, world, ["deepspeed.zero_stage=2"])
     plugin.after_optimizer_step(3)
     ema_before = [p.clone() for p in plugin.ema.shadow_params]
+    torch.randn(3, generator=plugin.generator)  # this rank's noise stream has moved on from its seed
+    generator_before = plugin.generator.get_state()
     weights_before = [p.detach().clone() for p in plugin.unet.parameters()]
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)  # a shared directory stands in for Ray's merged checkpoint here
@@ -89,6 +91,7 @@ def _save_and_restore(rank: int, world: int, directory: str):
         "weights_equal": all(torch.equal(a, b.detach()) for a, b in
                              zip(weights_before, fresh.unet.parameters(), strict=True)),
         "global_steps": fresh_engines["unet"].global_steps,
+        "generator_equal": torch.equal(generator_before, fresh.generator.get_state()),
     }
 
 
@@ -98,6 +101,7 @@ def test_checkpoint_restores_step_weights_ema_and_data_position(tmp_path):
         assert r["step"] == 3 and r["global_steps"] == 3
         assert r["data_state"] == {"rank": rank}
         assert r["ema_equal"] and r["weights_equal"]
+        assert r["generator_equal"]  # each rank gets its own noise stream back, not rank 0's
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def test_galip_trains_resumes_and_samples(ray_cluster, mlflow_server, shards, workdir):
-    common = [*TINY, f"data.urls={shards}", f"tracking.uri={mlflow_server.uri}"]
+    experiment = f"galip-{uuid.uuid4().hex[:6]}"  # the mlflow server is shared by the whole session
+    common = [*TINY, f"data.urls={shards}", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}"]
     assert train_main(["--config", "galip-tiny", *common, "run.max_steps=4"]) == 0
 
     client = mlflow_server.client()
-    [run] = client.search_runs([client.get_experiment_by_name("t2i_dist").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     for key in GALIP_METRICS:
         values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert values and all(math.isfinite(v) for v in values), (key, values)

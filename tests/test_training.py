@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,13 @@ def metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_train_resume_and_sample(ray_cluster, mlflow_server, shards, workdir):
-    common = [*TINY, f"data.urls={shards}", f"tracking.uri={mlflow_server.uri}", "run.name=e2e",
-              "run.log_every=5", "run.checkpoint_every=20", "run.sample_every=20"]
+    experiment = f"e2e-{uuid.uuid4().hex[:6]}"  # the mlflow server is shared by the whole session
+    common = [*TINY, f"data.urls={shards}", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}",
+              "run.name=e2e", "run.log_every=5", "run.checkpoint_every=20", "run.sample_every=20"]
     assert train_main(["--config", "ldm-tiny", *common, "run.max_steps=40"]) == 0
 
     client = mlflow_server.client()
-    exp = client.get_experiment_by_name("t2i_dist")
+    exp = client.get_experiment_by_name(experiment)
     [run] = client.search_runs([exp.experiment_id])
     losses = metric_steps(client, run.info.run_id, "loss")
     assert [s for s, _ in losses] == list(range(5, 41, 5))

@@ -10,7 +10,7 @@ Layout of a checkpoint directory:
   inference.pt                gathered weights for sampling (rank 0)
   config.json                 the resolved config (rank 0)
   data_state/rank{r}.json     data-loader position of rank r
-  rng_state/rank{r}.pt        torch RNG state of rank r (so a resume draws the same random numbers)
+  rng_state/rank{r}.pt        torch and plug-in RNG states of rank r (a resume draws the same random numbers)
   manifest/rank{r}.json       files rank r wrote: sizes and sha256
 """
 
@@ -47,18 +47,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _files(directory: Path) -> set[Path]:
+    return {p for p in directory.rglob("*") if p.is_file()} if directory.is_dir() else set()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    return path
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _atomic_torch_save(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    return path
 
 
 def write_checkpoint(
@@ -67,27 +73,34 @@ def write_checkpoint(
     before_manifest: Callable[[Path], None] | None = None,
 ) -> None:
     """Collective: every rank calls it with its own (local, private) directory. `before_manifest` runs when
-    every file but the manifest is written (fault-injection tests kill a worker there)."""
-    before = {p for p in directory.rglob("*") if p.is_file()}
+    every file but the manifest is written (fault-injection tests kill a worker there).
+
+    The manifest lists exactly the files this rank wrote, so a directory shared by several ranks (a shared
+    file system) never lists another rank's half-written temporary file."""
+    written: list[Path] = []
     for name, engine in engines.items():
-        engine.save_checkpoint(str(directory / name), tag=TAG, save_latest=False)
+        engine_dir = directory / name
+        before = _files(engine_dir)
+        engine.save_checkpoint(str(engine_dir), tag=TAG, save_latest=False)  # ends with a barrier
+        written += sorted(_files(engine_dir) - before)
     inference = plugin.inference_state()  # collective under ZeRO-3
     if rank == 0:
-        _atomic_torch_save(plugin.extra_state(), directory / "extra_state.pt")
-        _atomic_torch_save(inference, directory / "inference.pt")
-        _atomic_write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
+        written.append(_atomic_torch_save(plugin.extra_state(), directory / "extra_state.pt"))
+        written.append(_atomic_torch_save(inference, directory / "inference.pt"))
+        written.append(_atomic_write_bytes(directory / "config.json", json.dumps(config, indent=1).encode()))
         state = {"step": step, "world_size": world_size, **run_info}
-        _atomic_write_bytes(directory / "trainer_state.json", json.dumps(state, indent=1).encode())
-    _atomic_write_bytes(directory / "data_state" / f"rank{rank}.json", json.dumps(data_state).encode())
-    _atomic_torch_save(_rng_state(), directory / "rng_state" / f"rank{rank}.pt")
+        written.append(_atomic_write_bytes(directory / "trainer_state.json", json.dumps(state, indent=1).encode()))
+    written.append(_atomic_write_bytes(directory / "data_state" / f"rank{rank}.json", json.dumps(data_state).encode()))
+    rng = {**_rng_state(), "plugin": plugin.rank_rng_state()}
+    written.append(_atomic_torch_save(rng, directory / "rng_state" / f"rank{rank}.pt"))
     if before_manifest is not None:
         before_manifest(directory)
-    written = sorted(p for p in directory.rglob("*") if p.is_file() and p not in before)
     manifest = {
         "rank": rank,
         "world_size": world_size,
         "step": step,
-        "files": {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in written},
+        "files": {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                  for p in sorted(set(written))},
     }
     _atomic_write_bytes(directory / "manifest" / f"rank{rank}.json", json.dumps(manifest, indent=1).encode())
 
@@ -141,7 +154,9 @@ def restore_checkpoint(
         data_state = json.loads(data_file.read_text())
     rng_file = directory / "rng_state" / f"rank{rank}.pt"
     if state["world_size"] == world_size and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        _set_rng_state(rng)
+        plugin.load_rank_rng_state(rng.get("plugin", {}))
     elif state["world_size"] != world_size:
         log.warning("checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
                     state["world_size"], world_size)

@@ -115,6 +115,13 @@ class ModelPlugin(ABC):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def rank_rng_state(self) -> dict[str, Any]:
+        """This rank's own random generators (each rank draws different noise); saved per rank."""
+        return {}
+
+    def load_rank_rng_state(self, state: dict[str, Any]) -> None:
+        pass
+
     # -- inference ---------------------------------------------------------------------------------------
     @abstractmethod
     def inference_state(self) -> dict[str, Any]:

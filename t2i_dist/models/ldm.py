@@ -139,11 +139,16 @@ class LDMPlugin(ModelPlugin):
             self.ema.step(params)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "generator": self.generator.get_state()}
+        return {"ema": self.ema.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
         self.ema.shadow_params = [p.float() for p in self.ema.shadow_params]
+
+    def rank_rng_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_rank_rng_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
     # -- inference ---------------------------------------------------------------------------------------
