@@ -61,6 +61,8 @@ class DeepSpeedSection(Section):
     grad_accum_steps: int = Field(1, ge=1)
     gradient_clipping: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the trained network (LDM UNet): ~8 % faster steps on "
+                          "CPU for ldm-tiny, after 1-2 min of compiling on the first step (cached afterwards)")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload; compiles DeepSpeed's CPU Adam on first use")
 
 

@@ -23,6 +23,7 @@ from t2i_dist.models.base import ModelPlugin
 
 def load_plugin(checkpoint: str, device: str = "cpu", use_ema: bool = True) -> ModelPlugin:
     config, state = load_for_inference(checkpoint)
+    config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
     cfg = validate_config(config)
     torch.manual_seed(cfg.run.seed)
     plugin = plugin_class(cfg.model.family)(cfg, torch.device(device), torch.float32)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from t2i_dist.bench.context import BenchContext
 
-WORK_UNITS = 600  # 256x256 matmuls per task: about a second on one idle core
+WORK_UNITS = 2000  # 256x256 matmuls per task: a few seconds on one idle core
 
 
 def compute(units: int) -> float:

@@ -11,11 +11,17 @@ from typing import Any
 
 from t2i_dist.config import Config, load_config
 
+STUDY_CONFIG = "study-ldm-128"
+STUDY_MICRO_BATCH = 4
+STUDY_SAMPLES = 32
+
 
 @dataclass
 class Sizes:
     rounds: int  # side-by-side rounds per comparison
-    steps: int  # training steps per measured segment
+    steps: int  # training steps per measured segment (benchmark 2)
+    step_rounds: int  # benchmark 1: rounds of one step per variant (short segments follow the load closely)
+    study_rounds: int  # benchmark 1 on the study's networks (full mode only)
     samples: int  # synthetic data set size
     per_shard: int
     fits: int  # Ray Train runs per worker count (scaling)
@@ -25,8 +31,10 @@ class Sizes:
     @classmethod
     def of(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(rounds=3, steps=3, samples=256, per_shard=64, fits=1, fit_steps=12, eval_images=32)
-        return cls(rounds=7, steps=6, samples=1024, per_shard=128, fits=3, fit_steps=30, eval_images=64)
+            return cls(rounds=3, steps=3, step_rounds=12, study_rounds=0, samples=256, per_shard=64, fits=1, fit_steps=12,
+                       eval_images=32)
+        return cls(rounds=7, steps=6, step_rounds=40, study_rounds=10, samples=1024, per_shard=128, fits=3, fit_steps=60,
+                   eval_images=64)
 
 
 @dataclass
@@ -68,29 +76,47 @@ class BenchContext:
         return load_config(self.config, [f"data.urls={self.image_shards()}", "data.format=images",
                                          "data.synthesize.enabled=false", "cluster.num_workers=1", *overrides])
 
-    def image_shards(self) -> Path:
+    def study_config(self, *overrides: str) -> Config:
+        """The study's LDM (study-ldm-128) as one CPU process: its architecture with random frozen weights
+        (no download), on 128 px benchmark shards, micro-batch STUDY_MICRO_BATCH."""
+        res = load_config(STUDY_CONFIG).data.resolution
+        return load_config(STUDY_CONFIG, [
+            f"data.urls={self.image_shards(res, STUDY_SAMPLES)}", "data.format=images",
+            "data.synthesize.enabled=false", "data.loader_workers=1", "data.shuffle_buffer=16",
+            "model.vae.pretrained=null", "model.text.pretrained=null", "cluster.use_gpu=false",
+            "cluster.num_workers=1", "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0",
+            "cluster.threads_per_worker=1", f"deepspeed.micro_batch_size={STUDY_MICRO_BATCH}", *overrides])
+
+    def image_shards(self, resolution: int | None = None, samples: int | None = None) -> Path:
+        res = resolution or load_config(self.config).data.resolution
+        count = samples or self.sizes.samples
+
         def make() -> Path:
             from t2i_dist.data.synthetic import write_synthetic_shards
 
-            out = self.workdir / "images"
-            res = load_config(self.config).data.resolution
-            write_synthetic_shards(out, self.sizes.samples, self.sizes.per_shard, res, seed=0)
+            out = self.workdir / f"images-{res}px-{count}"
+            write_synthetic_shards(out, count, min(count, self.sizes.per_shard), res, seed=0)
             return out
 
-        return self.once("image_shards", make)
+        return self.once(f"image_shards/{res}/{count}", make)
 
-    def latent_shards(self) -> Path:
+    def latent_shards(self, cfg: Config | None = None) -> Path:
+        """Latent shards of `cfg`'s image shards, encoded by its frozen VAE and text encoder (default: the
+        benchmark LDM config)."""
+        cfg = cfg or self.ldm_config()
+        images = cfg.data.urls
+
         def make() -> Path:
             from t2i_dist.precompute import precompute
 
-            out = self.workdir / "latents"
-            self.say(f"precomputing latents of {self.sizes.samples} images in this process")
-            manifest = precompute(self.ldm_config(), out, images=str(self.image_shards()), workers=0)
+            out = self.workdir / f"latents-{cfg.run.name}"
+            self.say(f"precomputing latents of {images} for {cfg.run.name} in this process")
+            manifest = precompute(cfg, out, images=str(images), workers=0)
             # the encoding loop (read, decode, encode, write); start-up is paid once per run, not per sample
-            self.cache["precompute_s_per_sample"] = manifest["encode_seconds"] / manifest["samples"]
+            self.cache[f"precompute_s_per_sample/{cfg.run.name}"] = manifest["encode_seconds"] / manifest["samples"]
             return out
 
-        return self.once("latent_shards", make)
+        return self.once(f"latent_shards/{cfg.run.name}", make)
 
     # -- processes ---------------------------------------------------------------------------------------
     def process_group(self) -> None:

@@ -1,5 +1,7 @@
 """Benchmark 4: per-rank bytes of model state (parameters, gradients, optimizer state) at ZeRO 0/1/2/3 on 2
-gloo ranks, for the LDM and GALIP tiny configs, in fp32 (the CPU path) and bf16 (the GPU path).
+gloo ranks, for the LDM and GALIP tiny configs and (full mode) the study's networks (study-ldm-128,
+study-galip-128, random frozen weights), in fp32 (the CPU path) and bf16 (the GPU path). On tiny models the
+fixed communication buffers weigh more than on real ones.
 
 During a real training step through the real DeepSpeed engines, just before each optimizer step (the
 second step, so the optimizer state exists), every tensor the engines hold is found by walking the module,
@@ -29,6 +31,8 @@ BENCH = "4 memory"
 GOAL = 0.55
 CATEGORIES = ("params", "grads", "optimizer", "buffers")
 WALK_DEPTH = 6
+BATCH = 2
+SIZES = ("tiny", "study")
 
 
 class StateCounter:
@@ -112,7 +116,18 @@ def _batch(family: str, size: int, resolution: int):
     return Batch(captions=captions, images=torch.rand(size, 3, resolution, resolution) * 2 - 1)
 
 
-def measure(family: str, precision: str, stage: int) -> dict[str, int]:
+def overrides_for(family: str, size: str) -> tuple[str, list[str]]:
+    """(config name, overrides): the tiny config, or the study's networks with random frozen weights (no
+    download) on CPU; model-state bytes do not depend on the batch or (for the LDM) the image size."""
+    if size == "tiny":
+        return f"{family}-tiny", []
+    frozen = ["model.vae.pretrained=null", "model.text.pretrained=null", "data.resolution=64"] if family == "ldm" \
+        else ["model.clip.pretrained=null"]
+    return f"study-{family}-128", [*frozen, "cluster.use_gpu=false", "cluster.gpus_per_worker=0",
+                                   "cluster.cpus_per_worker=1", "cluster.threads_per_worker=1"]
+
+
+def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict[str, int]:
     import gc
 
     from t2i_dist.config import load_config
@@ -120,11 +135,12 @@ def measure(family: str, precision: str, stage: int) -> dict[str, int]:
     from t2i_dist.engine.precision import resolve_placement
     from t2i_dist.models import plugin_class
 
-    overrides = ["cluster.num_workers=2", "deepspeed.micro_batch_size=4", f"deepspeed.precision={precision}",
-                 f"deepspeed.zero_stage={stage}", "data.synthesize.enabled=false"]
+    name, overrides = overrides_for(family, size)
+    overrides += ["cluster.num_workers=2", f"deepspeed.micro_batch_size={BATCH}", f"deepspeed.precision={precision}",
+                  f"deepspeed.zero_stage={stage}", "data.synthesize.enabled=false"]
     if family == "galip" and stage == 3:
         overrides.append("model.discriminator_zero_stage=2")
-    cfg = load_config(f"{family}-tiny", overrides)
+    cfg = load_config(name, overrides)
     placement = resolve_placement(cfg)
     torch.manual_seed(0)
     plugin = plugin_class(family)(cfg, placement.device, placement.dtype)
@@ -133,7 +149,7 @@ def measure(family: str, precision: str, stage: int) -> dict[str, int]:
     snapshots: dict[str, dict[str, int]] = {}
     for name, engine in engines.items():
         measure_before_step(engine, name, snapshots)
-    batch = _batch(family, 4, cfg.data.resolution)
+    batch = _batch(family, BATCH, cfg.data.resolution)
     plugin.train_step(batch, 1)  # the first step creates the optimizer state
     plugin.train_step(batch, 2)  # measured: every model state exists between backward and step
     totals = dict.fromkeys(CATEGORIES, 0)
@@ -149,7 +165,7 @@ def measure(family: str, precision: str, stage: int) -> dict[str, int]:
     return totals
 
 
-def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, int]], results: Any) -> None:
+def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, str, int]], results: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     import logging
@@ -162,10 +178,10 @@ def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, int]]
     out: dict[str, Any] = {}
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        for family, precision, stage in jobs:
-            key = f"{family}/{precision}/{stage}"
+        for size, family, precision, stage in jobs:
+            key = f"{size}/{family}/{precision}/{stage}"
             try:
-                out[key] = measure(family, precision, stage)
+                out[key] = measure(family, precision, stage, size)
             except Exception as exc:  # noqa: BLE001 - one configuration failing leaves the others
                 out[key] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
             dist.barrier()
@@ -181,7 +197,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(jobs: list[tuple[str, str, int]], world: int = 2) -> list[dict[str, Any]]:
+def run_ranks(jobs: list[tuple[str, str, str, int]], world: int = 2) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -213,35 +229,45 @@ def run(ctx: BenchContext) -> list[Row]:
     except Exception as exc:  # noqa: BLE001 - reported as a row
         rows.append(unavailable(BENCH, "GALIP ZeRO-3 / ZeRO-0 bytes per rank", f"GALIP is not importable: {exc}"))
     precisions = ["fp32"] if ctx.quick else ["fp32", "bf16"]
-    jobs = [(f, p, s) for f in families for p in precisions for s in (0, 1, 2, 3)]
+    sizes = SIZES[:1] if ctx.quick else SIZES
+    jobs = [(z, f, p, s) for z in sizes for f in families for p in precisions for s in (0, 1, 2, 3)]
     ctx.say(f"{BENCH}: {len(jobs)} engine set-ups on 2 gloo ranks")
     per_rank = run_ranks(jobs)
-    for family in families:
-        for precision in precisions:
-            results = {s: per_rank[0][f"{family}/{precision}/{s}"] for s in (0, 1, 2, 3)}
-            failed = {s: r["error"] for s, r in results.items() if "error" in r}
-            label = f"{family.upper()} {precision}"
-            if failed:
-                for r in results.values():
-                    if "error" in r:
-                        print(r["trace"])
-                rows.append(unavailable(BENCH, f"{label}: ZeRO-3 / ZeRO-0 bytes per rank", f"failed: {failed}"))
-                continue
-            total = {s: sum(r[c] for c in CATEGORIES) for s, r in results.items()}
-            ratio = total[3] / total[0]
-            breakdown = "; ".join(
-                f"ZeRO-{s}: {_mib(total[s])} (" + ", ".join(f"{c} {_mib(r[c])}" for c in CATEGORIES) + ")"
-                for s, r in results.items())
-            why = (" DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model trains in fp32, "
-                   "which plain ZeRO-0 AdamW does not: 2.5 of 4 units at best on 2 ranks (0.625x)."
-                   if precision == "fp32" else "")
-            rows.append(Row(BENCH, f"{label}: ZeRO-3 / ZeRO-0 bytes per rank", f"{ratio:.2f}x", f"<= {GOAL}x",
-                            "met" if ratio <= GOAL else "missed",
-                            f"{results[0]['numel'] / 1e6:.2f}M trained parameters; rank 0 of 2; {breakdown}.{why}"))
-            rows.append(Row(BENCH, f"{label}: ZeRO-1 / ZeRO-2 vs ZeRO-0 bytes per rank",
-                            f"{total[1] / total[0]:.2f}x / {total[2] / total[0]:.2f}x"))
-            other = per_rank[1][f"{family}/{precision}/3"]
-            if "error" not in other and abs(sum(other[c] for c in CATEGORIES) - total[3]) > 0.05 * total[3]:
-                ctx.notes.append(f"{label} ZeRO-3: rank 1 holds {_mib(sum(other[c] for c in CATEGORIES))}, rank 0 "
-                                 f"{_mib(total[3])} (uneven partitions)")
+    for size in sizes:
+        for family in families:
+            for precision in precisions:
+                rows += _rows(ctx, per_rank, size, family, precision)
+    return rows
+
+
+def _rows(ctx: BenchContext, per_rank: list[dict[str, Any]], size: str, family: str, precision: str) -> list[Row]:
+    results = {s: per_rank[0][f"{size}/{family}/{precision}/{s}"] for s in (0, 1, 2, 3)}
+    failed = {s: r["error"] for s, r in results.items() if "error" in r}
+    label = f"{overrides_for(family, size)[0]} {precision}"
+    if failed:
+        for r in results.values():
+            if "error" in r:
+                print(r["trace"])
+        return [unavailable(BENCH, f"{label}: ZeRO-3 / ZeRO-0 bytes per rank", f"failed: {failed}")]
+    total = {s: sum(r[c] for c in CATEGORIES) for s, r in results.items()}
+    ratio = total[3] / total[0]
+    breakdown = "; ".join(
+        f"ZeRO-{s}: {_mib(total[s])} (" + ", ".join(f"{c} {_mib(r[c])}" for c in CATEGORIES) + ")"
+        for s, r in results.items())
+    why = (" DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model trains in fp32, "
+           "which plain ZeRO-0 AdamW does not: 2.5 of 4 units at best on 2 ranks (0.625x)."
+           if precision == "fp32" else "")
+    if family == "galip":
+        why += " Mate-D stays at ZeRO-2 (the MA-GP double backward needs its full weights)."
+    rows = [
+        Row(BENCH, f"{label}: ZeRO-3 / ZeRO-0 bytes per rank", f"{ratio:.2f}x", f"<= {GOAL}x",
+            "met" if ratio <= GOAL else "missed",
+            f"{results[0]['numel'] / 1e6:.2f}M trained parameters; rank 0 of 2; {breakdown}.{why}"),
+        Row(BENCH, f"{label}: ZeRO-1 / ZeRO-2 vs ZeRO-0 bytes per rank",
+            f"{total[1] / total[0]:.2f}x / {total[2] / total[0]:.2f}x"),
+    ]
+    other = per_rank[1][f"{size}/{family}/{precision}/3"]
+    if "error" not in other and abs(sum(other[c] for c in CATEGORIES) - total[3]) > 0.05 * total[3]:
+        ctx.notes.append(f"{label} ZeRO-3: rank 1 holds {_mib(sum(other[c] for c in CATEGORIES))}, rank 0 "
+                         f"{_mib(total[3])} (uneven partitions)")
     return rows

@@ -9,8 +9,10 @@ micro-batch and thread count as ours.
 
 Ours is the body of TrainLoop.run (engine/worker.py): ShardLoader batch -> LDMPlugin.train_step through the
 DeepSpeed engine of the config's ZeRO stage -> EMA -> the per-step preemption all-reduce, on a one-rank gloo
-group; once with online encoding, once from precomputed latent shards. Gradient checkpointing is off in
-every variant (a separate row prices ldm-tiny's `gradient_checkpointing: true`).
+group; once with online encoding, once from precomputed latent shards; in full mode also with the UNet
+compiled (deepspeed.compile=true). Gradient checkpointing is off in every variant (a separate row prices
+ldm-tiny's `gradient_checkpointing: true`). Full mode repeats the comparison on the study's networks
+(study-ldm-128 with random frozen weights), where the KL-f8 encoder weighs what it weighs in real training.
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ def variants(ctx: BenchContext) -> dict[str, Any]:
         out["reference"] = ReferenceVariant(ctx.ldm_config(off), out["ours_online"], shards)
         if not ctx.quick:
             out["ours_online_ckpt"] = OursVariant(ctx.ldm_config("deepspeed.gradient_checkpointing=true"))
+            compiled = "deepspeed.compile=true"
+            out["ours_online_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled))
+            out["ours_latents_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled, *from_latents))
         for variant in out.values():
             variant.segment(2)
             if isinstance(variant, OursVariant):
@@ -163,9 +168,9 @@ def variants(ctx: BenchContext) -> dict[str, Any]:
 
 def run(ctx: BenchContext) -> list[Row]:
     v = variants(ctx)
-    steps = ctx.sizes.steps
-    ctx.say(f"{BENCH}: {len(v)} variants, {ctx.sizes.rounds} rounds of {steps} steps")
-    samples = side_by_side({name: (lambda var=var: var.segment(steps)) for name, var in v.items()}, ctx.sizes.rounds)
+    rounds = ctx.sizes.step_rounds
+    ctx.say(f"{BENCH}: {len(v)} variants, {rounds} rounds of one step each")
+    samples = side_by_side({name: (lambda var=var: var.segment(1)) for name, var in v.items()}, rounds)
     ctx.cache["step_samples"] = samples
     cfg = v["ours_online"].cfg
     rates = ", ".join(f"{k} {samples.median(k):.1f}" for k in samples.values)
@@ -177,19 +182,25 @@ def run(ctx: BenchContext) -> list[Row]:
     zero_cost = ("ZeRO-1/2 on one rank partition nothing, yet pay DeepSpeed's per-parameter gradient hooks, "
                  "bucketed reductions and flat-partition step")
     online_reference = "the reference encodes online, as the script does"
+    compiled_how = ("deepspeed.compile=true: the UNet through torch.compile (inductor), compiled once before the "
+                    "measured rounds; the reference runs eager, as the script does")
     for variant, label, goal, how in (
         ("ours_online", f"ours, ZeRO-{stage} as configured, online encoding", 1.0, setup),
         ("ours_online_zero0", "ours, ZeRO-0 (the one-process setting), online encoding", 1.0, zero_cost),
+        ("ours_online_zero0_compiled", "ours, ZeRO-0, compiled UNet, online encoding", 1.0, compiled_how),
         ("ours_latents", f"ours, ZeRO-{stage} as configured, precomputed latents", 1.3, online_reference),
         ("ours_latents_zero0", "ours, ZeRO-0, precomputed latents", 1.3, online_reference),
+        ("ours_latents_zero0_compiled", "ours, ZeRO-0, compiled UNet, precomputed latents", 1.3, compiled_how),
     ):
+        if variant not in samples.values:
+            continue
         rows.append(ratio_row(BENCH, f"{label} / diffusers reference, img/s", samples.ratio(variant, "reference"),
                               goal, how, samples.spread(variant, "reference")))
     rows.append(ratio_row(BENCH, "precomputed latents / online encoding (ours, ZeRO-0), img/s",
                           samples.ratio("ours_latents_zero0", "ours_online_zero0"), None,
                           "published large-scale training: ~1.4x; benchmark 7 gives the FLOP ratio per config",
                           samples.spread("ours_latents_zero0", "ours_online_zero0")))
-    per_sample = ctx.cache.get("precompute_s_per_sample")
+    per_sample = ctx.cache.get(f"precompute_s_per_sample/{cfg.run.name}")
     if per_sample:
         saved = 1 / samples.median("ours_online_zero0") - 1 / samples.median("ours_latents_zero0")
         epochs = per_sample / saved if saved > 0 else float("inf")
@@ -201,4 +212,47 @@ def run(ctx: BenchContext) -> list[Row]:
                               samples.ratio("ours_online", "ours_online_ckpt"), None,
                               "ldm-tiny ships gradient_checkpointing: true",
                               samples.spread("ours_online", "ours_online_ckpt")))
+    if not ctx.quick:
+        rows += run_study(ctx)
+    return rows
+
+
+def run_study(ctx: BenchContext) -> list[Row]:
+    """The same comparison on the study's networks (study-ldm-128: KL-f8 VAE, ViT-B/32 text encoder, 24M UNet,
+    128 px), where the frozen encoders cost what they cost in the study, unlike ldm-tiny's toy VAE."""
+    from t2i_dist.bench.context import STUDY_MICRO_BATCH
+    from t2i_dist.data.sources import expand_urls
+
+    ctx.process_group()
+    online_cfg = ctx.study_config()
+    latents = ctx.latent_shards(online_cfg)
+    v: dict[str, Any] = {"ours_online": OursVariant(online_cfg),
+                         "ours_latents": OursVariant(ctx.study_config(f"data.urls={latents}", "data.format=latents"))}
+    v["reference"] = ReferenceVariant(online_cfg, v["ours_online"], expand_urls(str(online_cfg.data.urls)))
+    for variant in v.values():
+        variant.segment(1)
+        if isinstance(variant, OursVariant):
+            variant.wait_fractions.clear()
+    rounds = ctx.sizes.study_rounds
+    ctx.say(f"{BENCH}: study-ldm-128, {len(v)} variants, {rounds} rounds of one step each")
+    samples = side_by_side({name: (lambda var=var: var.segment(1)) for name, var in v.items()}, rounds)
+    stage = online_cfg.deepspeed.zero_stage
+    rates = ", ".join(f"{k} {samples.median(k):.2f}" for k in samples.values)
+    setup = (f"study-ldm-128 (random frozen weights): micro-batch {STUDY_MICRO_BATCH}, 128 px, ZeRO {stage}, "
+             f"loader_workers 1, 1 torch thread; median img/s {rates}")
+    rows = [
+        ratio_row(BENCH, f"study-ldm-128: ours, ZeRO-{stage}, online encoding / diffusers reference, img/s",
+                  samples.ratio("ours_online", "reference"), 1.0, setup, samples.spread("ours_online", "reference")),
+        ratio_row(BENCH, f"study-ldm-128: ours, ZeRO-{stage}, precomputed latents / diffusers reference, img/s",
+                  samples.ratio("ours_latents", "reference"), 1.3,
+                  "the KL-f8 encoder at 128 px costs several times the 24M UNet's training step (benchmark 7)",
+                  samples.spread("ours_latents", "reference")),
+    ]
+    per_sample = ctx.cache.get(f"precompute_s_per_sample/{online_cfg.run.name}")
+    if per_sample:
+        saved = 1 / samples.median("ours_online") - 1 / samples.median("ours_latents")
+        epochs = per_sample / saved if saved > 0 else float("inf")
+        rows.append(Row(BENCH, "study-ldm-128: precompute cost paid back after", f"{epochs:.2f} epochs", "", "",
+                        f"encoding loop {per_sample * 1e3:.0f} ms/sample vs {saved * 1e3:.0f} ms/sample saved per "
+                        "training epoch (medians)"))
     return rows

@@ -62,7 +62,7 @@ class ShardLoader:
 
     Iterating again continues where the last delivered batch left off. `state_dict()`/`load_state_dict()`
     carry that position (epoch, index within it, batches delivered) and the skip counts across a restart.
-    `shards` skips the URL expansion (pass what `preflight` returned)."""
+    `shards` skips the URL expansion (pass what `preflight` returned); `pin_memory` is for CUDA training."""
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class ShardLoader:
         *,
         shards: list[str] | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -81,6 +82,8 @@ class ShardLoader:
         if not shards:
             raise DataError(f"no shards found for data.urls {data.urls!r}; run preflight(data) for details")
         self.num_workers = data.loader_workers
+        # page-locked batches let the host-to-GPU copy (Batch.to, non_blocking) overlap the step
+        self.pin_memory = pin_memory
         self.spec = StreamSpec(
             shards=shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, fmt=data.format,
             resolution=data.resolution, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
@@ -99,7 +102,8 @@ class ShardLoader:
         else:
             dataset = _Readers(self.spec, self._positions, self._counters, self._batches % self.num_workers)
             outputs = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      collate_fn=_unchanged, prefetch_factor=2))
+                                      collate_fn=_unchanged, prefetch_factor=2,
+                                      pin_memory=self.pin_memory))
         try:
             for out in outputs:
                 reader = out["reader"]

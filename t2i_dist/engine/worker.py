@@ -258,7 +258,7 @@ class TrainLoop:
         self.faults.arm(self.engines, self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)
         self.loader = ShardLoader(cfg.data, cfg.deepspeed.micro_batch_size, self.rank, self.world, cfg.run.seed,
-                                  shards=run_info.get("shards"))
+                                  shards=run_info.get("shards"), pin_memory=self.placement.device.type == "cuda")
         self.evaluator = InTrainingEval(cfg, self.rank, self.world, self.placement.device) if cfg.eval.every else None
         self.tracker = (
             Tracker(run_info["tracking_uri"], run_info["mlflow_run_id"], run_info["fallback_dir"])

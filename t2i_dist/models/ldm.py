@@ -62,6 +62,9 @@ class LDMPlugin(ModelPlugin):
         self.unet = build_unet(m, self.latent_channels, self.latent_size, self.text_encoder.width)
         if cfg.deepspeed.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.deepspeed.compile:
+            # in place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager UNet
+            self.unet.compile()
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule,
             prediction_type=m.prediction_type,

@@ -54,6 +54,9 @@ class GALIPConfig(Part):
         return cfg.deepspeed.zero_stage if self.discriminator_zero_stage is None else self.discriminator_zero_stage
 
     def check_compatible(self, cfg: Config) -> None:
+        if cfg.deepspeed.compile:
+            raise ValueError("deepspeed.compile is supported for the ldm family only (GALIP's gradient penalty takes "
+                             "a double backward through the discriminator); set deepspeed.compile=false")
         if self.discriminator_stage(cfg) == 3:
             raise ValueError(
                 "GALIP's discriminator cannot use ZeRO stage 3: the matching-aware gradient penalty needs a double "
