@@ -99,6 +99,12 @@ class CrashRun:
         self.run_dir = self.workdir / "runs" / "crash"
 
 
+def bucket_read_logs(bucket: str) -> str:
+    """The Ray workers' stderr logs that mention reads from `bucket`, joined."""
+    texts = (p.read_text(errors="replace") for p in ray_logs_dir().glob("worker-*.err"))
+    return "\n".join(t for t in texts if f"s3://{bucket}/" in t)
+
+
 @pytest.fixture(scope="module")
 def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_factory) -> Iterator[CrashRun]:
     workdir = tmp_path_factory.mktemp("crash")
@@ -120,6 +126,10 @@ def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_fac
         s3_server.stop()
         start = time.monotonic()
         time.sleep(10)
+        # stay down until a worker has retried: retries below our reader (botocore, s3fs) or a read-ahead
+        # must not be able to hide the outage; 12 retries give the workers ~60 s
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: "retry 1/12" in bucket_read_logs(bucket), 40, "a worker retrying a read")
         s3_server.start()
         return time.monotonic() - start
 
@@ -209,9 +219,7 @@ def test_bad_samples_are_skipped_counted_by_reason_and_the_run_continues(crash_r
 def test_storage_outage_is_retried_and_the_run_continues(crash_run):
     assert crash_run.outage_s >= 10
     # the workers' own logs show reads from the bucket failing and being retried
-    logs = [p for p in ray_logs_dir().glob("worker-*.err") if f"s3://{crash_run.bucket}/" in p.read_text(
-        errors="replace")]
-    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    text = bucket_read_logs(crash_run.bucket)
     assert f"reading s3://{crash_run.bucket}/" in text and "retry 1/12" in text
 
 
