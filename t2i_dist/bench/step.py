@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from t2i_dist.bench.context import BenchContext
 from t2i_dist.bench.report import Row, ratio_row
-from t2i_dist.bench.timing import side_by_side
+from t2i_dist.bench.timing import Samples, side_by_side
 from t2i_dist.config import Config
 
 BENCH = "1 LDM step"
@@ -157,10 +157,7 @@ def variants(ctx: BenchContext) -> dict[str, Any]:
             compiled = "deepspeed.compile=true"
             out["ours_online_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled))
             out["ours_latents_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled, *from_latents))
-        for variant in out.values():
-            variant.segment(2)
-            if isinstance(variant, OursVariant):
-                variant.wait_fractions.clear()
+        _warm_up(out, steps=2)
         return out
 
     return ctx.once("step_variants", make)
@@ -170,7 +167,7 @@ def run(ctx: BenchContext) -> list[Row]:
     v = variants(ctx)
     rounds = ctx.sizes.step_rounds
     ctx.say(f"{BENCH}: {len(v)} variants, {rounds} rounds of one step each")
-    samples = side_by_side({name: (lambda var=var: var.segment(1)) for name, var in v.items()}, rounds)
+    samples = _one_step_rounds(v, rounds)
     ctx.cache["step_samples"] = samples
     cfg = v["ours_online"].cfg
     rates = ", ".join(f"{k} {samples.median(k):.1f}" for k in samples.values)
@@ -200,13 +197,7 @@ def run(ctx: BenchContext) -> list[Row]:
                           samples.ratio("ours_latents_zero0", "ours_online_zero0"), None,
                           "published large-scale training: ~1.4x; benchmark 7 gives the FLOP ratio per config",
                           samples.spread("ours_latents_zero0", "ours_online_zero0")))
-    per_sample = ctx.cache.get(f"precompute_s_per_sample/{cfg.run.name}")
-    if per_sample:
-        saved = 1 / samples.median("ours_online_zero0") - 1 / samples.median("ours_latents_zero0")
-        epochs = per_sample / saved if saved > 0 else float("inf")
-        rows.append(Row(BENCH, "precompute cost paid back after", f"{epochs:.2f} epochs", "", "",
-                        f"encoding loop {per_sample * 1e3:.1f} ms/sample (one process, one thread, start-up "
-                        f"excluded) vs {saved * 1e3:.1f} ms/sample saved per training epoch (medians)"))
+    rows += _payback_rows(ctx, "", cfg.run.name, samples, "ours_online_zero0", "ours_latents_zero0")
     if "ours_online_ckpt" in samples.values:
         rows.append(ratio_row(BENCH, "gradient checkpointing off / on (ours, online), img/s",
                               samples.ratio("ours_online", "ours_online_ckpt"), None,
@@ -229,13 +220,10 @@ def run_study(ctx: BenchContext) -> list[Row]:
     v: dict[str, Any] = {"ours_online": OursVariant(online_cfg),
                          "ours_latents": OursVariant(ctx.study_config(f"data.urls={latents}", "data.format=latents"))}
     v["reference"] = ReferenceVariant(online_cfg, v["ours_online"], expand_urls(str(online_cfg.data.urls)))
-    for variant in v.values():
-        variant.segment(1)
-        if isinstance(variant, OursVariant):
-            variant.wait_fractions.clear()
+    _warm_up(v, steps=1)
     rounds = ctx.sizes.study_rounds
     ctx.say(f"{BENCH}: study-ldm-128, {len(v)} variants, {rounds} rounds of one step each")
-    samples = side_by_side({name: (lambda var=var: var.segment(1)) for name, var in v.items()}, rounds)
+    samples = _one_step_rounds(v, rounds)
     stage = online_cfg.deepspeed.zero_stage
     rates = ", ".join(f"{k} {samples.median(k):.2f}" for k in samples.values)
     setup = (f"study-ldm-128 (random frozen weights): micro-batch {STUDY_MICRO_BATCH}, 128 px, ZeRO {stage}, "
@@ -248,11 +236,29 @@ def run_study(ctx: BenchContext) -> list[Row]:
                   "the KL-f8 encoder at 128 px costs several times the 24M UNet's training step (benchmark 7)",
                   samples.spread("ours_latents", "reference")),
     ]
-    per_sample = ctx.cache.get(f"precompute_s_per_sample/{online_cfg.run.name}")
-    if per_sample:
-        saved = 1 / samples.median("ours_online") - 1 / samples.median("ours_latents")
-        epochs = per_sample / saved if saved > 0 else float("inf")
-        rows.append(Row(BENCH, "study-ldm-128: precompute cost paid back after", f"{epochs:.2f} epochs", "", "",
-                        f"encoding loop {per_sample * 1e3:.0f} ms/sample vs {saved * 1e3:.0f} ms/sample saved per "
-                        "training epoch (medians)"))
+    rows += _payback_rows(ctx, "study-ldm-128: ", online_cfg.run.name, samples, "ours_online", "ours_latents")
     return rows
+
+
+def _warm_up(variants: dict[str, Any], steps: int) -> None:
+    """Run each variant past its first steps (allocation, compilation), then forget their data waits."""
+    for variant in variants.values():
+        variant.segment(steps)
+        if isinstance(variant, OursVariant):
+            variant.wait_fractions.clear()
+
+
+def _one_step_rounds(variants: dict[str, Any], rounds: int) -> Samples:
+    return side_by_side({name: (lambda var=var: var.segment(1)) for name, var in variants.items()}, rounds)
+
+
+def _payback_rows(ctx: BenchContext, prefix: str, run_name: str, samples: Samples, online: str, latents: str) -> list[Row]:
+    """After how many epochs precomputing latents (timed when the shards were made) has paid for itself."""
+    per_sample = ctx.cache.get(f"precompute_s_per_sample/{run_name}")
+    if not per_sample:
+        return []
+    saved = 1 / samples.median(online) - 1 / samples.median(latents)
+    epochs = per_sample / saved if saved > 0 else float("inf")
+    return [Row(BENCH, f"{prefix}precompute cost paid back after", f"{epochs:.2f} epochs", "", "",
+                f"encoding loop {per_sample * 1e3:.1f} ms/sample (one process, one thread, start-up excluded) vs "
+                f"{saved * 1e3:.1f} ms/sample saved per training epoch (medians)")]
