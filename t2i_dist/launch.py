@@ -174,7 +174,9 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
-    ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=False,
+    # the dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
+    # (without it, it warns every second and cannot clean up after a dead controller); loopback only
+    ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              logging_level=logging.WARNING)
     # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
     # would otherwise make that lookup ambiguous

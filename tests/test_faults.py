@@ -453,7 +453,8 @@ def test_local_scripts_bind_dashboards_to_loopback():
 
     from t2i_dist import launch, train
 
-    assert "include_dashboard=False" in inspect.getsource(launch.connect_ray)  # a local Ray has no dashboard
+    driver_ray = inspect.getsource(launch.connect_ray)  # a local Ray's dashboard answers on loopback only
+    assert 'dashboard_host="127.0.0.1"' in driver_ray and "0.0.0.0" not in driver_ray
     assert "--host 127.0.0.1" in inspect.getsource(train)  # the MLflow UI command the driver prints
 
 
