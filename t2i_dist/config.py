@@ -1,24 +1,21 @@
-"""Run configuration: schema, YAML loading, dotted overrides and readable validation errors.
+"""Run configuration: sections, YAML loading, dotted overrides and readable validation errors.
 
-Every key is declared here (or in a model plug-in's config class), so a typo is an error that names the
-key and what is allowed, raised on the driver before any cluster resource is touched.
+Every key is declared here or in a model family's config class, so a typo is an error that names the key
+and what is allowed, raised on the driver before any cluster resource is touched. This module knows no
+model family: the root schema's `model` section is assembled from the family registry
+(`t2i_dist.models.registry.config_schema`), which passes itself to `validate` here.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from t2i_dist.models.component_config import ClipConfig
-from t2i_dist.models.galip.config import GALIPConfig
-from t2i_dist.models.ldm_config import LDMConfig
 
 
 class ConfigError(ValueError):
@@ -26,7 +23,30 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # protected_namespaces: family configs may name fields model_* (pydantic reserves the prefix by default)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ClipConfig(Section):
+    """A frozen open_clip model, used by the families and by evaluation's CLIP score. `name` is an open_clip
+    architecture (e.g. ViT-B-32) or a shipped tiny one (t2i-tiny-clip); `pretrained` is a local checkpoint
+    file, an open_clip tag, or an `hf-hub:org/repo` id. None builds random weights (dry runs and tests)."""
+
+    name: str = "t2i-tiny-clip"
+    pretrained: str | None = None
+    layer: Literal["last", "penultimate"] = "last"
+
+
+class FamilyConfig(Section):
+    """Base of every family's `model:` section; the registry puts the families' subclasses in the schema."""
+
+    family: str
+
+    def check_compatible(self, cfg: Config) -> None:
+        """Cross-section checks (raise ValueError with the fix); run at validation, before Ray starts."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"family": self.family}
 
 
 class RunSection(Section):
@@ -125,10 +145,9 @@ class EvalSection(Section):
     alignment_classifier: str | None = Field(None, description="None trains one on first use (synthetic data)")
 
 
-ModelConfig = Annotated[LDMConfig | GALIPConfig, Field(discriminator="family")]
-
-
 class Config(Section):
+    """The root schema's sections; `model` is narrowed to the registered families' union by the registry."""
+
     run: RunSection = RunSection()
     cluster: ClusterSection = ClusterSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -136,7 +155,7 @@ class Config(Section):
     data: DataSection
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
-    model: ModelConfig
+    model: FamilyConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -156,6 +175,21 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def revalidated(self, raw: dict[str, Any]) -> Config:
+        """A changed copy of this config, validated by the same (registry-assembled) schema."""
+        return type(self).model_validate(raw)
+
+    def with_random_weights(self) -> Config:
+        """The same architectures with every `model.*.pretrained` dropped: counting and benchmarking offline."""
+        raw = self.to_dict()
+        for part in raw["model"].values():
+            if isinstance(part, dict) and "pretrained" in part:
+                part["pretrained"] = None
+        return self.revalidated(raw)
+
+
+ConfigT = TypeVar("ConfigT", bound=Config)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -222,42 +256,51 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    raw = apply_overrides(_load_yaml(resolve_config_path(name_or_path)), overrides or [])
-    return validate_config(raw)
+def load_raw_config(name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML (with its `base:` chain) and the overrides, merged but not yet validated."""
+    return apply_overrides(_load_yaml(resolve_config_path(name_or_path)), overrides or [])
 
 
-def validate_config(raw: dict[str, Any]) -> Config:
+def validate(schema: type[ConfigT], families: dict[str, type[FamilyConfig]], raw: dict[str, Any]) -> ConfigT:
+    """Validate `raw` against a root schema whose `model` is the union of `families` (name -> config class)."""
+    model = raw.get("model")
+    family = model.get("family") if isinstance(model, dict) else None
+    if isinstance(model, dict) and family not in families:
+        known = ", ".join(sorted(families))
+        raise ConfigError(f"invalid config:\n  unknown model.family {family!r}; registered families: {known}")
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, raw)) from None
+        raise ConfigError(format_validation_error(exc, raw, families)) from None
 
 
-def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any], families: dict[str, type[FamilyConfig]]) -> list[str]:
     model: Any = Config
     for part in loc[:-1]:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
-            # inside the discriminated model union, or a dict: pick the member named by 'family'
+            # inside a dict, or a key of the model union's member: pick the member named by 'family'
             return []
         annotation = field.annotation
         if part == "model":
             family = raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None
-            annotation = {"ldm": LDMConfig, "galip": GALIPConfig}.get(family)
+            annotation = families.get(family) if isinstance(family, str) else None
         model = annotation
         if model is None or not hasattr(model, "model_fields"):
             return []
     return sorted(model.model_fields)
 
 
-def format_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
+def format_validation_error(
+    exc: ValidationError, raw: dict[str, Any], families: dict[str, type[FamilyConfig]]
+) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("ldm", "galip")))
+        # the discriminated union inserts the family's tag into the location: drop it
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in families))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc, raw)
+            allowed = _allowed_keys(loc, raw, families)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key '{key}'"
             if hint:
@@ -296,6 +339,3 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = value
     return out
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -21,13 +21,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from t2i_dist.config import ClipConfig
 from t2i_dist.eval.fanout import ImageReader, evaluate_chunk, fan_out_ray
 from t2i_dist.eval.inception import FEATURE_DIM, RESIZE_MODES, ExtractorSpec, WeightsError
 from t2i_dist.eval.metrics import MetricSpec, Partial, summarize
 from t2i_dist.eval.reference import cached_reference
 from t2i_dist.eval.sources import Item, SourceError, list_items
 from t2i_dist.eval.stats import InsufficientSamplesError
-from t2i_dist.models.component_config import ClipConfig
 
 log = logging.getLogger("t2i_dist.evaluate")
 
@@ -115,10 +115,10 @@ def _checkpoint_config(checkpoint: str | None) -> dict[str, Any]:
 
 
 def sampling_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
-    """Sampler overrides; only the diffusion family has them (GALIP generates in one pass)."""
-    if (config.get("model") or {}).get("family") != "ldm":
-        return {}
-    return {k: v for k, v in {"steps": args.steps, "guidance": args.guidance}.items() if v is not None}
+    """Sampler overrides the checkpoint's family accepts (GALIP generates in one pass: none)."""
+    from t2i_dist.engine.inference import sample_options
+
+    return sample_options(config["model"]["family"], {"steps": args.steps, "guidance": args.guidance})
 
 
 def build_spec(args: argparse.Namespace, protocol: Protocol, config: dict[str, Any]) -> MetricSpec:
@@ -195,11 +195,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reader = ImageReader(spec.resolution, args.batch_size)
 
     if args.checkpoint:
+        from t2i_dist.engine.inference import load_plugin
         from t2i_dist.eval.generation import CheckpointGenerator
 
         fake_items = list_items(args.captions, n, need_captions=True, require_images=False)
-        producer: Any = CheckpointGenerator(args.checkpoint, seed, min(args.batch_size, 8), spec.resolution,
-                                            args.device, sampling_options(args, config))
+        producer: Any = CheckpointGenerator(args.checkpoint, load_plugin, seed, min(args.batch_size, 8),
+                                            spec.resolution, args.device, sampling_options(args, config))
         real_source = args.real or args.captions
     else:
         fake_items = list_items(args.fake, n)

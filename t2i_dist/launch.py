@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -17,6 +16,8 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from t2i_dist.config import Config, flatten, redact
+from t2i_dist.dist import backend_for
+from t2i_dist.ray_env import URL_USERINFO, forwarded_env, forwarded_secrets
 from t2i_dist.tracking import create_run, local_store_uri, resolve_tracking_uri
 
 log = logging.getLogger("t2i_dist.launch")
@@ -26,12 +27,6 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 # worker prints are our step lines; Ray's print patch would echo each one twice
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-# environment the workers need when the driver joins a remote cluster (their raylet's env is not ours)
-FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "T2I_", "HF_", "S3_")
-# forwarded variables whose value is a credential: they must not travel in Ray's runtime_env, which Ray's
-# runtime-env agent writes to its log in full
-SECRET_NAME_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
-URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
 PREEMPTION_REQUEST_FILE = "preemption_request"
 
 
@@ -50,13 +45,13 @@ def with_absolute_local_paths(cfg: Config) -> Config:
     raw["data"]["urls"] = [absolute(u) for u in urls] if isinstance(urls, list) else absolute(urls)
     if raw["eval"].get("captions"):
         raw["eval"]["captions"] = absolute(raw["eval"]["captions"])
-    return Config.model_validate(raw)
+    return cfg.revalidated(raw)
 
 
 def check_storage(cfg: Config) -> None:
     uri = storage_uri(cfg)
     if uri.startswith("s3://"):
-        from t2i_dist.data.s3 import filesystem
+        from t2i_dist.storage import filesystem
 
         bucket = urlparse(uri).netloc
         fs, _ = filesystem(uri, cfg.data.s3)
@@ -145,7 +140,7 @@ def _run_info_path(run_dir: str) -> str:
 
 
 def _read_run_info(run_dir: str, cfg: Config) -> dict[str, Any] | None:
-    from t2i_dist.data.s3 import filesystem
+    from t2i_dist.storage import filesystem
 
     fs, path = filesystem(_run_info_path(run_dir), cfg.data.s3)
     try:
@@ -156,61 +151,12 @@ def _read_run_info(run_dir: str, cfg: Config) -> dict[str, Any] | None:
 
 
 def _write_run_info(run_dir: str, info: dict[str, Any], cfg: Config) -> None:
-    from t2i_dist.data.s3 import filesystem
+    from t2i_dist.storage import filesystem
 
     fs, path = filesystem(_run_info_path(run_dir), cfg.data.s3)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as fh:
         json.dump({k: info[k] for k in ("tracking_uri", "mlflow_run_id")}, fh)
-
-
-def connect_ray(cfg: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        return
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
-    # the dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
-    # (without it, it warns every second and cannot clean up after a dead controller); loopback only
-    ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING)
-    # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
-    # would otherwise make that lookup ambiguous
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def _is_secret(name: str, value: str) -> bool:
-    return any(w in name.upper() for w in SECRET_NAME_WORDS) or bool(URL_USERINFO.search(value))
-
-
-def forwarded_env() -> dict[str, str]:
-    """Forwarded variables that are not credentials (these go in Ray's runtime_env)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not _is_secret(k, v)}
-
-
-class SecretEnv:
-    """Credentials for the workers, carried inside the pickled training function (Ray's object store) rather
-    than the runtime_env; printing it shows no value."""
-
-    def __init__(self, values: dict[str, str]):
-        self._values = dict(values)
-
-    def __repr__(self) -> str:
-        return f"SecretEnv({len(self._values)} values hidden)"
-
-    __str__ = __repr__
-
-    def apply(self) -> None:
-        os.environ.update(self._values)
-
-
-def forwarded_secrets() -> SecretEnv:
-    return SecretEnv({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)
-                      and _is_secret(k, v)})
 
 
 def ray_storage_filesystem(uri: str, cfg: Config):
@@ -220,7 +166,7 @@ def ray_storage_filesystem(uri: str, cfg: Config):
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from t2i_dist.data.s3 import storage_options
+    from t2i_dist.storage import storage_options
 
     options = storage_options(uri, cfg.data.s3)
     if uri.startswith(("s3://", "s3a://")) and not cfg.data.s3.anon:
@@ -238,10 +184,10 @@ def build_trainer(cfg: Config, run_info: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from t2i_dist.engine.worker import train_worker
+    from t2i_dist.engine.ray_worker import train_worker
 
     c = cfg.cluster
-    backend = c.backend if c.backend != "auto" else ("nccl" if c.use_gpu else "gloo")
+    backend = backend_for(c.backend, c.use_gpu)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
     env = {**forwarded_env(), "OMP_NUM_THREADS": str(c.threads_per_worker)}
     storage_path, storage_filesystem = storage_uri(cfg), None
@@ -288,7 +234,7 @@ class PreemptibleTrainer:
         return getattr(self.trainer, name)
 
     def _request_fs(self):
-        from t2i_dist.data.s3 import filesystem
+        from t2i_dist.storage import filesystem
 
         return filesystem(self.request_url, self.cfg.data.s3)
 

@@ -6,22 +6,14 @@ import torch
 from accelerate import init_empty_weights
 
 from t2i_dist.config import Config
-from t2i_dist.models import plugin_class
-
-
-def _without_pretrained(cfg: Config) -> Config:
-    """The same architecture with random weights: counting must work offline."""
-    raw = cfg.to_dict()
-    for part in raw["model"].values():
-        if isinstance(part, dict) and "pretrained" in part:
-            part["pretrained"] = None
-    return Config.model_validate(raw)
+from t2i_dist.models.base import parameter_counts as plugin_parameter_counts
+from t2i_dist.models.registry import build_plugin
 
 
 def parameter_counts(cfg: Config) -> dict[str, int]:
     with init_empty_weights():
-        plugin = plugin_class(cfg.model.family)(_without_pretrained(cfg), torch.device("meta"))
-    return plugin.parameter_counts()
+        plugin = build_plugin(cfg.with_random_weights(), torch.device("meta"))
+    return plugin_parameter_counts(plugin)
 
 
 def print_parameter_counts(cfg: Config) -> dict[str, int]:

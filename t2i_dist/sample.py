@@ -10,26 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 import torch
 
-from t2i_dist.config import validate_config
-from t2i_dist.engine.checkpoint import CheckpointError, load_for_inference
+from t2i_dist.engine.checkpoint import CheckpointError
+from t2i_dist.engine.inference import load_plugin, sample_options
 from t2i_dist.images import prompt_seeds, save_png, to_pil_grid
-from t2i_dist.models import plugin_class
-from t2i_dist.models.base import ModelPlugin
-
-
-def load_plugin(checkpoint: str, device: str = "cpu", use_ema: bool = True) -> ModelPlugin:
-    config, state = load_for_inference(checkpoint)
-    config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
-    cfg = validate_config(config)
-    torch.manual_seed(cfg.run.seed)
-    plugin = plugin_class(cfg.model.family)(cfg, torch.device(device), torch.float32)
-    kwargs: dict[str, Any] = {"use_ema": use_ema} if cfg.model.family == "ldm" else {}
-    plugin.load_inference_state(state, **kwargs)
-    return plugin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prompts, seeds = prompt_seeds(args.prompt, args.num_per_prompt, args.seed)
-    options = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}.items()
-               if v is not None}
-    if plugin.family != "ldm":
-        options = {}
+    options = sample_options(plugin.cfg.model.family,
+                             {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance})
     start = time.perf_counter()
     images = plugin.sample(prompts, seeds, **options)
     seconds = (time.perf_counter() - start) / len(prompts)

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from t2i_dist.config import ConfigError, load_config, shipped_configs
+from t2i_dist.config import ConfigError, shipped_configs
+from t2i_dist.models.registry import load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print_parameter_counts(cfg)
         return 0
 
-    from t2i_dist import launch
+    from t2i_dist import launch, ray_env
     from t2i_dist.data.shards import DataError, preflight
 
     try:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: --resume {args.resume}: {exc}", file=sys.stderr)
                 return 2
         run_info["resume"] = resume
-    launch.connect_ray(cfg)
+    ray_env.connect_ray(cfg)
     trainer = launch.build_trainer(cfg, run_info)
     start = time.time()
     from ray.train import TrainingFailedError

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
+import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
+from t2i_dist.processes import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# all ranks together: a hung rank must fail the test well inside pytest's 900 s per-test timeout
+DEADLINE_S = 480.0
+# once one rank failed, the others may wait forever in a collective it never joins
+AFTER_FAILURE_S = 30.0
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results):
@@ -32,19 +35,41 @@ def _entry(rank: int, world: int, port: int, fn, args, results):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int = 2, args: tuple = ()) -> list:
+def _join(procs: list, results: Any, deadline_s: float) -> list[int]:
+    """Wait for every rank until the deadline, then kill the rest; returns the ranks that were killed."""
+    deadline = time.monotonic() + deadline_s
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        failed = any(v[0] == "error" for v in results.values()) or any(p.exitcode not in (None, 0) for p in procs)
+        if failed:
+            deadline = min(deadline, time.monotonic() + AFTER_FAILURE_S)
+        time.sleep(0.2)
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for rank in hung:
+        procs[rank].kill()
+    for p in procs:
+        p.join()
+    return hung
+
+
+def run_distributed(fn: Callable[..., Any], world: int = 2, args: tuple = (), deadline_s: float = DEADLINE_S) -> list:
     """fn(rank, world, *args) on `world` ranks; returns each rank's (picklable) result or raises."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(600)
+        hung = _join(procs, results, deadline_s)
         out = dict(results)
-    errors = [v[1] for v in out.values() if v[0] == "error"]
-    if errors or len(out) != world:
-        raise AssertionError("distributed run failed:\n" + "\n".join(errors or ["a rank died without a result"]))
+    errors = [f"rank {r}:\n{v[1]}" for r, v in sorted(out.items()) if v[0] == "error"]
+    if hung:
+        errors.append(f"rank(s) {', '.join(map(str, hung))} hung: still running at the deadline ({deadline_s:.0f} s "
+                      f"for the run, {AFTER_FAILURE_S:.0f} s once another rank had failed), killed")
+    dead = [r for r, p in enumerate(procs) if r not in out and r not in hung]
+    if dead:
+        errors.append(f"rank(s) {', '.join(map(str, dead))} died without a result "
+                      f"(exit codes {[procs[r].exitcode for r in dead]})")
+    if errors:
+        raise AssertionError("distributed run failed:\n" + "\n".join(errors))
     return [out[r][1] for r in range(world)]

@@ -1,24 +1,21 @@
-"""A real `mlflow server` process (sqlite backend) on a free loopback port, in its own process group."""
+"""A real `mlflow server` process (sqlite backend) on a loopback port, in its own process group."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from t2i_dist.processes import free_port, stop_process_group
+from t2i_dist.testing.servers import start_server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["MlflowServer", "free_port", "mlflow_server", "start_mlflow_server", "stop_mlflow_server"]
 
 
 @dataclass
@@ -34,43 +31,37 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.uri)
 
 
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 90) -> MlflowServer:
-    port = port or free_port()
+    """port=None takes a free port (a new one if the bind fails); a given port (a restart: runs hold URLs
+    with it) is retried until timeout_s."""
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-    ]
-    log = (root / "server.log").open("ab")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited early; see {root / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return MlflowServer(uri, process, root, port)
-        except OSError:
-            time.sleep(0.5)
-    stop_mlflow_server(MlflowServer(uri, process, root, port))
-    raise RuntimeError(f"mlflow server did not answer within {timeout_s}s")
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+        ]  # fmt: skip
+
+    process, port = start_server(command, _healthy, root / "server.log", port=port, timeout_s=timeout_s, env=env,
+                                 name="mlflow server")
+    return MlflowServer(f"http://127.0.0.1:{port}", process, root, port)
 
 
 def stop_mlflow_server(server: MlflowServer) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(5)
+    stop_process_group(server.process, timeout_s=15)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server
     stop_mlflow_server(server)

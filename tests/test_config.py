@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from t2i_dist.config import ConfigError, load_config, shipped_configs
+from t2i_dist.config import ConfigError, shipped_configs
+from t2i_dist.models.registry import load_config
 
 
 def test_shipped_configs_validate():

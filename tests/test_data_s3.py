@@ -113,7 +113,7 @@ def test_outage_mid_stream_recovers_with_the_same_batches(s3, bucket_url, local_
     got = list(islice(stream, 2))  # 8 of the first shard's 12 samples; the next shard is opened later
 
     watch = _RetryWatch()
-    s3_log = logging.getLogger("t2i_dist.data.s3")
+    s3_log = logging.getLogger("t2i_dist.storage")
     s3_log.addHandler(watch)
     level = s3_log.level
     s3_log.setLevel(logging.WARNING)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from t2i_dist.config import load_config
+from t2i_dist.models.registry import load_config
 from tests.dist_utils import run_distributed
 
 
 def _build(rank: int, world: int, overrides: list[str]):
-    from t2i_dist.engine.engines import build_engines
+    from t2i_dist.batch import Batch
+    from t2i_dist.engine.build import build_training
     from t2i_dist.engine.precision import resolve_placement
-    from t2i_dist.models.base import Batch
-    from t2i_dist.models.ldm import LDMPlugin
 
     cfg = load_config("ldm-tiny", ["cluster.num_workers=2", "deepspeed.micro_batch_size=2", *overrides])
-    placement = resolve_placement(cfg)
-    torch.manual_seed(0)
-    plugin = LDMPlugin(cfg, placement.device, placement.dtype)
-    engines = build_engines(cfg, placement, plugin.trainables())
-    plugin.attach_engines(engines)
+    built = build_training(cfg, resolve_placement(cfg), rank, world, with_loader=False)
+    plugin, engines = built.plugin, built.engines
     torch.manual_seed(rank)
     batch = Batch(captions=["a red circle", "a blue square"], images=torch.rand(2, 3, 32, 32) * 2 - 1)
     losses = [float(plugin.train_step(batch, s)["loss"]) for s in range(3)]
@@ -39,8 +35,17 @@ def _zero3_layout(rank: int, world: int):
         "frozen_partitioned": sum(hasattr(p, "ds_id") for p in frozen),
         "frozen_full": all(p.numel() > 0 for p in frozen),
         "losses_finite": all(torch.isfinite(torch.tensor(losses))),
-        "inference_keys": len(plugin.inference_state()["unet"]),
+        "inference_shapes": {k: tuple(v.shape) for k, v in plugin.inference_state()["unet"].items()},
+        "unpartitioned_shapes": _unpartitioned_unet_shapes(plugin),
     }
+
+
+def _unpartitioned_unet_shapes(plugin) -> dict[str, tuple[int, ...]]:
+    """The same UNet built outside DeepSpeed: what a complete gathered state must match."""
+    from t2i_dist.models.ldm.plugin import build_unet
+
+    unet = build_unet(plugin.m, plugin.latent_channels, plugin.latent_size, plugin.text_encoder.width)
+    return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
 def test_zero3_partitions_only_the_unet():
@@ -50,18 +55,37 @@ def test_zero3_partitions_only_the_unet():
         assert r["local_share"] < 0.6  # about half the UNet lives on each of the 2 ranks
         assert r["frozen_partitioned"] == 0 and r["frozen_full"]  # VAE and text encoder stay replicated
         assert r["losses_finite"]
-        assert r["inference_keys"] > 0  # gathered weights for sampling are complete
+        # gathered weights for sampling are complete: every key of the unpartitioned UNet, at full shape
+        assert r["inference_shapes"] == r["unpartitioned_shapes"]
 
 
 def _bf16(rank: int, world: int):
-    plugin, engines, losses = _build(rank, world, ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"])
-    return {"dtype": str(next(engines["unet"].module.parameters()).dtype), "losses": losses}
+    results = {}
+    for precision in ("bf16", "fp32"):
+        plugin, engines, losses = _build(rank, world, ["deepspeed.zero_stage=2", f"deepspeed.precision={precision}"])
+        moved = max(float((a.float() - b.to(a.dtype).float()).abs().max())  # init rounded as the engine holds it
+                    for a, b in zip(plugin.unet.parameters(), _initial_unet().parameters(), strict=True))
+        results[precision] = {"dtype": str(next(engines["unet"].module.parameters()).dtype), "losses": losses,
+                              "moved": moved}
+    return results
 
 
-def test_bf16_zero2_trains():
+def _initial_unet():
+    """The UNet's weights before any step: the builder seeds with run.seed before building the plug-in."""
+    from t2i_dist.models.registry import build_plugin
+
+    cfg = load_config("ldm-tiny")
+    torch.manual_seed(cfg.run.seed)
+    return build_plugin(cfg, torch.device("cpu")).unet
+
+
+def test_bf16_zero2_trains_like_fp32():
     for r in run_distributed(_bf16, world=2):
-        assert r["dtype"] == "torch.bfloat16"
-        assert all(torch.isfinite(torch.tensor(r["losses"])))
+        bf16, fp32 = r["bf16"], r["fp32"]
+        assert bf16["dtype"] == "torch.bfloat16" and fp32["dtype"] == "torch.float32"
+        assert bf16["moved"] > 0  # the optimizer updated the bf16 weights
+        # same weights, batches and noise: bf16 rounding moves the losses by little
+        assert torch.allclose(torch.tensor(bf16["losses"]), torch.tensor(fp32["losses"]), rtol=0.05), r
 
 
 def _save_and_restore(rank: int, world: int, directory: str):
@@ -90,7 +114,7 @@ def _save_and_restore(rank: int, world: int, directory: str):
         "ema_equal": all(torch.equal(a, b) for a, b in zip(ema_before, fresh.ema.shadow_params, strict=True)),
         "weights_equal": all(torch.equal(a, b.detach()) for a, b in
                              zip(weights_before, fresh.unet.parameters(), strict=True)),
-        "global_steps": fresh_engines["unet"].global_steps,
+        "global_steps": fresh_engines["unet"].engine.global_steps,
         "generator_equal": torch.equal(generator_before, fresh.generator.get_state()),
     }
 

@@ -41,14 +41,13 @@ def test_all_reduce_of_partials_equals_their_merge():
 def _eval_rank(rank: int, world: int, shards: str, cache: str) -> dict:
     import torch
 
-    from t2i_dist.config import load_config
     from t2i_dist.eval.in_training import InTrainingEval
-    from t2i_dist.models import plugin_class
+    from t2i_dist.models.registry import build_plugin, load_config
 
     cfg = load_config("ldm-tiny", [f"data.urls={shards}", "eval.every=5", "eval.num_samples=6",
                                    f"eval.reference_cache={cache}", "model.sampling.steps=2"])
     torch.manual_seed(0)  # the same random weights in every process
-    plugin = plugin_class("ldm")(cfg, torch.device("cpu"))
+    plugin = build_plugin(cfg, torch.device("cpu"))
     evaluator = InTrainingEval(cfg, rank, world, torch.device("cpu"), batch_size=2)
     assert evaluator.due(10) and not evaluator.due(7)
     return evaluator.run(plugin, 10)

@@ -102,29 +102,39 @@ def test_ma_gp_under_deepspeed_equals_plain_pytorch():
 
 
 def _train_galip(rank: int, world: int, overrides: list[str]) -> dict:
-    from t2i_dist.config import load_config
-    from t2i_dist.engine.engines import build_engines
+    from t2i_dist.batch import Batch
+    from t2i_dist.engine.build import build_training
     from t2i_dist.engine.precision import resolve_placement
-    from t2i_dist.models.base import Batch
-    from t2i_dist.models.galip.plugin import GALIPPlugin
+    from t2i_dist.models.registry import load_config
 
     cfg = load_config("galip-tiny", ["cluster.num_workers=2", "deepspeed.micro_batch_size=4", "deepspeed.precision=fp32",
                                      "run.max_steps=3", "run.sample_every=2", *overrides])
-    placement = resolve_placement(cfg)
-    torch.manual_seed(0)
-    plugin = GALIPPlugin(cfg, placement.device, placement.dtype)
-    plugin.attach_engines(build_engines(cfg, placement, plugin.trainables()))
+    plugin = build_training(cfg, resolve_placement(cfg), rank, world, with_loader=False).plugin
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    # one batch, repeated: a change of loss or weights then comes from the updates, not from new data
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1
+
+    def snapshot() -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for name, engine in plugin.engines.items():
+            with engine.gathered():
+                out[name] = [p.detach().float().clone() for p in engine.module.parameters()]
+        return out
+
+    before = snapshot()
     history = []
     for step in range(1, cfg.run.max_steps + 1):
-        images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank)) * 2 - 1
         metrics = plugin.train_step(Batch(captions=captions, images=images), step)
         plugin.after_optimizer_step(step)
         history.append({k: float(v) for k, v in metrics.items()})
+    after = snapshot()
+    moved = {name: max(float((x - y).abs().max()) for x, y in zip(before[name], after[name], strict=True))
+             for name in before}
     partitioned = {name: any(hasattr(p, "ds_id") for p in e.module.parameters()) for name, e in plugin.engines.items()}
     clip_partitioned = any(hasattr(p, "ds_id") for m in plugin.frozen().values() for p in m.parameters())
-    images = plugin.sample(["a red circle", "a red circle"], [0, 1]) if rank == 0 else None  # as the loop does
-    return {"history": history, "partitioned": partitioned, "clip_partitioned": clip_partitioned,
+    plugin.before_sampling()  # every rank, as the loop does; then rank 0 alone samples
+    images = plugin.sample(["a red circle", "a red circle"], [0, 1]) if rank == 0 else None
+    return {"history": history, "moved": moved, "partitioned": partitioned, "clip_partitioned": clip_partitioned,
             "dtype": str(next(plugin.generator_net.parameters()).dtype),
             "sample_shape": None if images is None else tuple(images.shape)}
 
@@ -140,6 +150,8 @@ def test_galip_trains_with_two_engines_in_zero2_zero3_generator_and_bf16():
     for r in (run for result in results for run in result.values()):
         assert {"loss", "loss_d", "loss_g", "ma_gp", "d_real", "d_fake", "d_mismatch"} <= set(r["history"][0])
         assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in r["history"])
+        # both networks were updated (same batch every step): weights moved, and so did the losses
+        assert r["moved"]["discriminator"] > 1e-6 and r["moved"]["generator"] > 1e-6, r["moved"]
         assert r["history"][0]["loss_d"] != r["history"][-1]["loss_d"]
         assert r["history"][0]["loss_g"] != r["history"][-1]["loss_g"]
         assert not r["clip_partitioned"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2i_dist.config import ConfigError, load_config
+from t2i_dist.config import ConfigError
+from t2i_dist.models.base import parameter_counts
 from t2i_dist.models.galip.losses import hinge_fake, hinge_real, ma_gp, mismatched
 from t2i_dist.models.galip.plugin import GALIPPlugin
+from t2i_dist.models.registry import load_config
 
 TINY = ["deepspeed.micro_batch_size=4", "model.ngf=4", "model.ndf=4", "model.noise_dim=8", "model.bridge_channels=8",
         "model.bridge_mid_channels=4", "model.bridge_blocks=1"]
@@ -55,7 +57,7 @@ def test_engines_hold_no_clip_weights():
         assert not clip_ids & {id(p) for p in trainable.module.parameters()}
     frozen_ids = {id(p) for module in plugin.frozen().values() for p in module.parameters()}
     assert len(clip_ids - frozen_ids) == 1  # the frozen set is the whole CLIP but its unused logit scale
-    counts = plugin.parameter_counts()
+    counts = parameter_counts(plugin)
     assert counts["params/trainable"] == counts["params/discriminator"] + counts["params/generator"]
     assert counts["params/total"] == counts["params/trainable"] + counts["params/clip_text"] + counts["params/clip_vision"]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_dist.config import load_config
 from t2i_dist.data.decode import decode_image
 from t2i_dist.data.errors import DataError
 from t2i_dist.data.shards import ShardLoader
 from t2i_dist.data.stream import shard_items
 from t2i_dist.data.synthetic import write_synthetic_shards
+from t2i_dist.models.registry import load_config
 from t2i_dist.precompute import MANIFEST_NAME, build_encoders, check_latent_config, precompute
 from t2i_dist.precompute import main as precompute_main
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from t2i_dist.models.clip import FrozenClipText, load_clip
-from t2i_dist.models.component_config import ClipConfig, VAEConfig
-from t2i_dist.models.vae import load_vae
+from t2i_dist.config import ClipConfig
+from t2i_dist.models.clip.encoders import FrozenClipText, load_clip
+from t2i_dist.models.vae.autoencoder import load_vae
+from t2i_dist.models.vae.config import VAEConfig
 
 
 def test_vae_loads_from_a_local_directory(tmp_path):

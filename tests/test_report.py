@@ -10,7 +10,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from t2i_dist.report import main as report_main
+from t2i_dist.report.cli import main as report_main
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,7 @@
 
     python tools/slurm_local.py up --dir /tmp/t2i-slurm --nodes 2 --netns   # prints `export SLURM_CONF=...`
     python tools/slurm_local.py down --dir /tmp/t2i-slurm
+    python tools/slurm_local.py check --netns                               # exit 2 with the reason if it cannot
 
 Needs root and Debian's slurm-wlm + munge (tools/ci/install_system_deps.sh). It starts its own munged (own
 key and socket), slurmctld and one slurmd per node, never touching a system Slurm or munge. Each slurmd runs
@@ -25,6 +26,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+try:
+    from t2i_dist.processes import free_port
+except ImportError:  # `sudo python3 tools/slurm_local.py` outside the venv: the checkout's stdlib-only module
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from t2i_dist.processes import free_port
+
 COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "scontrol", "sinfo")
 JOB_END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
 
@@ -42,13 +49,14 @@ def why_unavailable(netns: bool = False) -> str | None:
         missing += [name for name in ("ip", "nsenter", "unshare") if not shutil.which(name)]
     if missing:
         return f"missing {', '.join(missing)}: run tools/ci/install_system_deps.sh (slurm-wlm, munge, iproute2)"
+    if netns:
+        # a container may forbid new network namespaces or lack the bridge/veth drivers; try both in a
+        # namespace of its own, which takes them away when it ends
+        probe = "ip link add t2ibr type bridge && ip link add t2iv type veth peer name t2iw"
+        out = subprocess.run(["unshare", "--net", "sh", "-c", probe], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            return f"no network namespace support (unshare --net; bridge and veth links): {out.stderr.strip()}"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -369,10 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--netns", action="store_true", help="one network namespace per node, on a bridge")
     down = sub.add_parser("down", help="stop everything `up` started in DIR")
     down.add_argument("--dir", type=Path, required=True)
+    check = sub.add_parser("check", help="exit 2, saying why, if this machine cannot host the cluster")
+    check.add_argument("--netns", action="store_true", help="also the network namespaces of `up --netns`")
     args = parser.parse_args(argv)
     if args.command == "down":
         stop(args.dir)
         return 0
+    if args.command == "check":
+        reason = why_unavailable(args.netns)
+        print(f"cannot start a local Slurm: {reason}" if reason else "a local Slurm can start here",
+              file=sys.stderr if reason else sys.stdout)
+        return 2 if reason else 0
     try:
         cluster = LocalSlurm(args.dir, args.nodes, args.cpus_per_node, args.netns).start()
     except SlurmUnavailable as exc:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from t2i_dist.config import Config, load_config
+from t2i_dist.config import Config
+from t2i_dist.models.registry import load_config
 
 STUDY_CONFIG = "study-ldm-128"
 STUDY_MICRO_BATCH = 4
@@ -124,7 +125,7 @@ class BenchContext:
         def make() -> bool:
             import torch.distributed as dist
 
-            from t2i_dist.bench.s3server import free_port
+            from t2i_dist.processes import free_port
 
             if not dist.is_initialized():
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -157,9 +158,9 @@ class BenchContext:
 
     def s3(self):
         def make():
-            from t2i_dist.bench.s3server import MotoServer
+            from t2i_dist.testing.s3server import S3Server
 
-            server = MotoServer(self.workdir / "moto.log")
+            server = S3Server(self.workdir / "moto.log")
             server.start()
             self.on_close(server.stop)
             previous = {k: os.environ.get(k) for k in server.env()}

@@ -17,7 +17,6 @@ partitions the generator at stage 3 and the discriminator at stage 2.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from t2i_dist.bench.context import BenchContext
 from t2i_dist.bench.report import Row, unavailable
+from t2i_dist.processes import free_port
 
 BENCH = "4 memory"
 GOAL = 0.55
@@ -110,7 +110,7 @@ def measure_before_step(engine: Any, name: str, snapshots: dict[str, dict[str, i
 
 
 def _batch(family: str, size: int, resolution: int):
-    from t2i_dist.models.base import Batch
+    from t2i_dist.batch import Batch
 
     captions = ["a red circle", "a small blue square on the left"] * (size // 2)
     return Batch(captions=captions, images=torch.rand(size, 3, resolution, resolution) * 2 - 1)
@@ -130,10 +130,10 @@ def overrides_for(family: str, size: str) -> tuple[str, list[str]]:
 def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict[str, int]:
     import gc
 
-    from t2i_dist.config import load_config
-    from t2i_dist.engine.engines import build_engines
+    import t2i_dist.dist
+    from t2i_dist.engine.build import build_training
     from t2i_dist.engine.precision import resolve_placement
-    from t2i_dist.models import plugin_class
+    from t2i_dist.models.registry import load_config
 
     name, overrides = overrides_for(family, size)
     overrides += ["cluster.num_workers=2", f"deepspeed.micro_batch_size={BATCH}", f"deepspeed.precision={precision}",
@@ -142,10 +142,8 @@ def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict
         overrides.append("model.discriminator_zero_stage=2")
     cfg = load_config(name, overrides)
     placement = resolve_placement(cfg)
-    torch.manual_seed(0)
-    plugin = plugin_class(family)(cfg, placement.device, placement.dtype)
-    engines = build_engines(cfg, placement, plugin.trainables())
-    plugin.attach_engines(engines)
+    built = build_training(cfg, placement, t2i_dist.dist.rank(), t2i_dist.dist.world_size(), with_loader=False)
+    plugin, engines = built.plugin, {name: net.engine for name, net in built.engines.items()}
     snapshots: dict[str, dict[str, int]] = {}
     for name, engine in engines.items():
         measure_before_step(engine, name, snapshots)
@@ -160,7 +158,7 @@ def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict
     for engine in engines.values():
         if hasattr(engine, "destroy"):
             engine.destroy()
-    del plugin, engines
+    del plugin, engines, built
     gc.collect()
     return totals
 
@@ -191,19 +189,13 @@ def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, str, 
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(jobs: list[tuple[str, str, str, int]], world: int = 2) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=rank_main, args=(r, world, port, jobs, results)) for r in range(world)]
         for p in procs:
             p.start()

@@ -66,10 +66,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def meta_plugin(cfg: Config):
     from accelerate import init_empty_weights
 
-    from t2i_dist.models import plugin_class
+    from t2i_dist.models.registry import build_plugin
 
     with init_empty_weights(include_buffers=True):
-        return plugin_class(cfg.model.family)(cfg, torch.device("meta"))
+        return build_plugin(cfg, torch.device("meta"))
 
 
 def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor) -> int:
@@ -80,7 +80,7 @@ def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, hidden: torch
 
 def ldm_flops(cfg: Config) -> tuple[float, float]:
     """(online encoding, precomputed latents) FLOPs per training sample."""
-    from t2i_dist.models.base import Batch
+    from t2i_dist.batch import Batch
 
     plugin = meta_plugin(cfg)
     res = cfg.data.resolution
@@ -108,7 +108,7 @@ class CountingEngine:
 
 
 def galip_flops(cfg: Config) -> float:
-    from t2i_dist.models.base import Batch
+    from t2i_dist.batch import Batch
 
     plugin = meta_plugin(cfg)
     plugin.attach_engines({name: CountingEngine(t.module) for name, t in plugin.trainables().items()})
@@ -134,8 +134,7 @@ def anchor_flops() -> float:
 def model_flops_config(name: str) -> Config:
     """Offline weights, and no gradient checkpointing: model FLOPs do not count recomputation."""
     cfg = offline(name)
-    return Config.model_validate({**cfg.to_dict(), "deepspeed": {**cfg.to_dict()["deepspeed"],
-                                                                "gradient_checkpointing": False}})
+    return cfg.revalidated({**cfg.to_dict(), "deepspeed": {**cfg.to_dict()["deepspeed"], "gradient_checkpointing": False}})
 
 
 def run(ctx: BenchContext) -> list[Row]:

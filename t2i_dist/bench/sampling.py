@@ -12,7 +12,8 @@ import torch
 from t2i_dist.bench.context import BenchContext
 from t2i_dist.bench.report import Row, ratio_row, unavailable
 from t2i_dist.bench.timing import side_by_side
-from t2i_dist.config import Config, load_config
+from t2i_dist.config import Config
+from t2i_dist.models.registry import load_config
 
 BENCH = "6 sampling"
 PROMPTS = ["a red circle", "a small blue square on the left", "a large green triangle at the top",
@@ -21,19 +22,15 @@ PROMPTS = ["a red circle", "a small blue square on the left", "a large green tri
 
 def offline(name: str) -> Config:
     """A shipped config with every pretrained weight replaced by random ones of the same architecture."""
-    raw = load_config(name, ["data.synthesize.enabled=false"]).to_dict()
-    for part in raw["model"].values():
-        if isinstance(part, dict) and "pretrained" in part:
-            part["pretrained"] = None
-    return Config.model_validate(raw)
+    return load_config(name, ["data.synthesize.enabled=false"]).with_random_weights()
 
 
 def build(name: str):
-    from t2i_dist.models import plugin_class
+    from t2i_dist.models.registry import build_plugin
 
     cfg = offline(name)
     torch.manual_seed(cfg.run.seed)
-    return plugin_class(cfg.model.family)(cfg, torch.device("cpu"))
+    return build_plugin(cfg, torch.device("cpu"))
 
 
 def images_per_s(plugin, prompts: list[str], **options) -> float:

@@ -7,9 +7,9 @@ text encoder -> UNet -> MSE -> backward -> clip_grad_norm_ -> AdamW step -> EMA 
 our loop always keeps an EMA). Same UNet config, frozen VAE and text encoder (the same modules), shards,
 micro-batch and thread count as ours.
 
-Ours is the body of TrainLoop.run (engine/worker.py): ShardLoader batch -> LDMPlugin.train_step through the
-DeepSpeed engine of the config's ZeRO stage -> EMA -> the per-step preemption all-reduce, on a one-rank gloo
-group; once with online encoding, once from precomputed latent shards; in full mode also with the UNet
+Ours is the loop's own step (TrainLoop.train_one_step, engine/loop.py): ShardLoader batch ->
+LDMPlugin.train_step through the DeepSpeed engine of the config's ZeRO stage -> EMA -> the per-step agreement
+all-reduce, on a one-rank gloo group; once with online encoding, once from precomputed latent shards; in full mode also with the UNet
 compiled (deepspeed.compile=true). Gradient checkpointing is off in every variant (a separate row prices
 ldm-tiny's `gradient_checkpointing: true`). Full mode repeats the comparison on the study's networks
 (study-ldm-128 with random frozen weights), where the KL-f8 encoder weighs what it weighs in real training.
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from t2i_dist.bench.context import BenchContext
@@ -36,34 +36,18 @@ BENCH = "1 LDM step"
 class OursVariant:
     """Our training loop's per-step work, measured in segments of `steps` steps."""
 
-    def __init__(self, cfg: Config):
-        from t2i_dist.data.shards import ShardLoader
-        from t2i_dist.engine.engines import build_engines
-        from t2i_dist.engine.precision import resolve_placement
-        from t2i_dist.models.ldm import LDMPlugin
+    def __init__(self, cfg: Config, workdir: Path):
+        from t2i_dist.engine.context import local_context
+        from t2i_dist.engine.loop import TrainLoop
 
         self.cfg = cfg
-        self.placement = resolve_placement(cfg)
-        torch.manual_seed(cfg.run.seed)
-        self.plugin = LDMPlugin(cfg, self.placement.device, self.placement.dtype)
-        self.engines = build_engines(cfg, self.placement, self.plugin.trainables())
-        self.plugin.attach_engines(self.engines)
-        self.loader = ShardLoader(cfg.data, cfg.deepspeed.micro_batch_size, 0, 1, cfg.run.seed)
-        self.data: Iterator[Any] = iter(self.loader)
-        self.step = 0
+        self.loop = TrainLoop(cfg, local_context(cfg, workdir / "checkpoints"))
+        self.plugin = self.loop.plugin
+        self.data: Iterator[Any] = iter(self.loop.loader)
         self.wait_fractions: list[float] = []
 
     def one_step(self) -> float:
-        t0 = time.perf_counter()
-        batch = next(self.data).to(self.placement.device)
-        wait = time.perf_counter() - t0
-        self.step += 1
-        out = self.plugin.train_step(batch, self.step)
-        float(out["loss"])
-        self.plugin.after_optimizer_step(self.step)
-        flag = torch.zeros(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the loop's preemption agreement
-        return wait
+        return self.loop.train_one_step(self.data).data_wait_s
 
     def segment(self, steps: int) -> float:
         start = time.perf_counter()
@@ -96,7 +80,7 @@ class ReferenceVariant:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
-        from t2i_dist.models.ldm import build_unet
+        from t2i_dist.models.ldm.plugin import build_unet
 
         m, ours = cfg.model, frozen_from.plugin
         self.cfg = cfg
@@ -146,17 +130,17 @@ def variants(ctx: BenchContext) -> dict[str, Any]:
         out: dict[str, Any] = {}
         from_latents = (f"data.urls={latents}", "data.format=latents")
         zero0 = "deepspeed.zero_stage=0"
-        out["ours_online"] = OursVariant(ctx.ldm_config(off))
-        out["ours_latents"] = OursVariant(ctx.ldm_config(off, *from_latents))
-        out["ours_online_zero0"] = OursVariant(ctx.ldm_config(off, zero0))
-        out["ours_latents_zero0"] = OursVariant(ctx.ldm_config(off, zero0, *from_latents))
+        out["ours_online"] = OursVariant(ctx.ldm_config(off), ctx.workdir / "ours_online")
+        out["ours_latents"] = OursVariant(ctx.ldm_config(off, *from_latents), ctx.workdir / "ours_latents")
+        out["ours_online_zero0"] = OursVariant(ctx.ldm_config(off, zero0), ctx.workdir / "ours_online_zero0")
+        out["ours_latents_zero0"] = OursVariant(ctx.ldm_config(off, zero0, *from_latents), ctx.workdir / "ours_latents_zero0")
         shards = expand_urls(str(ctx.image_shards()))
         out["reference"] = ReferenceVariant(ctx.ldm_config(off), out["ours_online"], shards)
         if not ctx.quick:
-            out["ours_online_ckpt"] = OursVariant(ctx.ldm_config("deepspeed.gradient_checkpointing=true"))
+            out["ours_online_ckpt"] = OursVariant(ctx.ldm_config("deepspeed.gradient_checkpointing=true"), ctx.workdir / "ours_online_ckpt")
             compiled = "deepspeed.compile=true"
-            out["ours_online_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled))
-            out["ours_latents_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled, *from_latents))
+            out["ours_online_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled), ctx.workdir / "ours_online_zero0_compiled")
+            out["ours_latents_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled, *from_latents), ctx.workdir / "ours_latents_zero0_compiled")
         _warm_up(out, steps=2)
         return out
 
@@ -217,8 +201,9 @@ def run_study(ctx: BenchContext) -> list[Row]:
     ctx.process_group()
     online_cfg = ctx.study_config()
     latents = ctx.latent_shards(online_cfg)
-    v: dict[str, Any] = {"ours_online": OursVariant(online_cfg),
-                         "ours_latents": OursVariant(ctx.study_config(f"data.urls={latents}", "data.format=latents"))}
+    latents_cfg = ctx.study_config(f"data.urls={latents}", "data.format=latents")
+    v: dict[str, Any] = {"ours_online": OursVariant(online_cfg, ctx.workdir / "study_online"),
+                         "ours_latents": OursVariant(latents_cfg, ctx.workdir / "study_latents")}
     v["reference"] = ReferenceVariant(online_cfg, v["ours_online"], expand_urls(str(online_cfg.data.urls)))
     _warm_up(v, steps=1)
     rounds = ctx.sizes.study_rounds

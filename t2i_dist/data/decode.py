@@ -12,7 +12,7 @@ import io
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def decode_image(data: bytes, resolution: int, max_pixels: int) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
             raise SkipSample("too_large")
         image = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
@@ -119,7 +119,8 @@ def collate(samples: list[Decoded]) -> dict[str, Any]:
     first = samples[0]
     return {
         "captions": [s.caption for s in samples],
-        "images": torch.stack([s.image for s in samples]) if first.image is not None else None,
-        "latents": torch.stack([s.latent for s in samples]) if first.latent is not None else None,
+        # a batch holds one kind of sample: when the first has images (latents), all have them
+        "images": torch.stack([cast(torch.Tensor, s.image) for s in samples]) if first.image is not None else None,
+        "latents": torch.stack([cast(torch.Tensor, s.latent) for s in samples]) if first.latent is not None else None,
         "text": {k: torch.stack([s.text[k] for s in samples]) for k in first.text},
     }

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from t2i_dist.batch import Batch
 from t2i_dist.config import DataSection
 from t2i_dist.data.decode import MAX_IMAGE_PIXELS
 from t2i_dist.data.errors import DataError
 from t2i_dist.data.sources import expand_urls
 from t2i_dist.data.stream import Position, SkipCounter, StreamSpec, reader_batches
-from t2i_dist.models.base import Batch
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from fsspec.spec import AbstractFileSystem
 
 from t2i_dist.config import DataSection, S3Section
 from t2i_dist.data.errors import DataError
-from t2i_dist.data.s3 import S3_PROTOCOLS, filesystem, is_remote, s3_endpoint
 from t2i_dist.data.synthetic import write_synthetic_shards
 from t2i_dist.data.writing import existing_shards
+from t2i_dist.storage import S3_PROTOCOLS, filesystem, is_remote, s3_endpoint
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from t2i_dist.config import S3Section
 from t2i_dist.data.decode import SkipSample, collate, decode_sample, shape_signature
 from t2i_dist.data.errors import DataError
-from t2i_dist.data.s3 import TRANSIENT_ERRORS, register_gopen
+from t2i_dist.storage import TRANSIENT_ERRORS, register_gopen
 
 log = logging.getLogger(__name__)
 

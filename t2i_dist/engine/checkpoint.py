@@ -6,11 +6,12 @@ half-written checkpoint is refused instead of loaded.
 Layout of a checkpoint directory:
   <engine>/state/...          DeepSpeed engine files (model/optimizer/scheduler shards per rank)
   trainer_state.json          step, world size, mlflow run id (rank 0)
-  extra_state.pt              plug-in state outside the engines, e.g. EMA (rank 0)
+  extra_state.pt              plug-in state outside the engines, e.g. EMA (rank 0's state_dict)
   inference.pt                gathered weights for sampling (rank 0)
   config.json                 the resolved config (rank 0)
   data_state/rank{r}.json     data-loader position of rank r
-  rng_state/rank{r}.pt        torch and plug-in RNG states of rank r (a resume draws the same random numbers)
+  rng_state/rank{r}.pt        torch RNG and the plug-in's own "rank" state of rank r (a resume draws the same
+                              random numbers)
   manifest/rank{r}.json       files rank r wrote: sizes and sha256
 """
 
@@ -25,11 +26,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from t2i_dist.models.base import ModelPlugin
+
+if TYPE_CHECKING:  # sampling reads checkpoints without DeepSpeed
+    from t2i_dist.engine.engines import TrainedNetwork
 
 log = logging.getLogger(__name__)
 TAG = "state"
@@ -68,7 +72,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> Path:
 
 
 def write_checkpoint(
-    directory: Path, engines: dict[str, Any], plugin: ModelPlugin, *, rank: int, world_size: int, step: int,
+    directory: Path, engines: dict[str, TrainedNetwork], plugin: ModelPlugin, *, rank: int, world_size: int, step: int,
     data_state: dict[str, Any], config: dict[str, Any], run_info: dict[str, Any],
     before_manifest: Callable[[Path], None] | None = None,
 ) -> None:
@@ -81,17 +85,19 @@ def write_checkpoint(
     for name, engine in engines.items():
         engine_dir = directory / name
         before = _files(engine_dir)
-        engine.save_checkpoint(str(engine_dir), tag=TAG, save_latest=False)  # ends with a barrier
+        engine.engine.save_checkpoint(str(engine_dir), tag=TAG, save_latest=False)  # ends with a barrier
         written += sorted(_files(engine_dir) - before)
     inference = plugin.inference_state()  # collective under ZeRO-3
+    shared = plugin.state_dict()
+    own = shared.pop("rank", {})
     if rank == 0:
-        written.append(_atomic_torch_save(plugin.extra_state(), directory / "extra_state.pt"))
+        written.append(_atomic_torch_save(shared, directory / "extra_state.pt"))
         written.append(_atomic_torch_save(inference, directory / "inference.pt"))
         written.append(_atomic_write_bytes(directory / "config.json", json.dumps(config, indent=1).encode()))
         state = {"step": step, "world_size": world_size, **run_info}
         written.append(_atomic_write_bytes(directory / "trainer_state.json", json.dumps(state, indent=1).encode()))
     written.append(_atomic_write_bytes(directory / "data_state" / f"rank{rank}.json", json.dumps(data_state).encode()))
-    rng = {**_rng_state(), "plugin": plugin.rank_rng_state()}
+    rng = {**_rng_state(), "plugin": own}
     written.append(_atomic_torch_save(rng, directory / "rng_state" / f"rank{rank}.pt"))
     if before_manifest is not None:
         before_manifest(directory)
@@ -138,16 +144,16 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True) -> dict[str, A
 
 
 def restore_checkpoint(
-    directory: Path, engines: dict[str, Any], plugin: ModelPlugin, *, rank: int, world_size: int,
+    directory: Path, engines: dict[str, TrainedNetwork], plugin: ModelPlugin, *, rank: int, world_size: int,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load engines and plug-in state; returns (trainer_state, this rank's data state or None)."""
     state = verify_checkpoint(directory, check_hashes=rank == 0)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(directory / name), tag=TAG, load_optimizer_states=True,
+        path, _ = engine.engine.load_checkpoint(str(directory / name), tag=TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load engine {name!r}")
-    plugin.load_extra_state(torch.load(directory / "extra_state.pt", map_location="cpu", weights_only=False))
+    plugin_state = torch.load(directory / "extra_state.pt", map_location="cpu", weights_only=False)
     data_state = None
     data_file = directory / "data_state" / f"rank{rank}.json"
     if state["world_size"] == world_size and data_file.is_file():
@@ -156,17 +162,12 @@ def restore_checkpoint(
     if state["world_size"] == world_size and rng_file.is_file():
         rng = torch.load(rng_file, map_location="cpu", weights_only=False)
         _set_rng_state(rng)
-        plugin.load_rank_rng_state(rng.get("plugin", {}))
+        plugin_state["rank"] = rng.get("plugin", {})
     elif state["world_size"] != world_size:
         log.warning("checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
                     state["world_size"], world_size)
+    plugin.load_state_dict(plugin_state)
     return state, data_state
-
-
-def report_checkpoint(metrics: dict[str, Any], directory: Path) -> None:
-    import ray.train
-
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
 def new_local_dir() -> Path:
@@ -181,7 +182,7 @@ def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]
     """(config dict, inference state) from a checkpoint directory, local or remote (s3://); only the two files
     sampling needs are read, not the optimizer shards."""
     from t2i_dist.config import S3Section
-    from t2i_dist.data.s3 import filesystem
+    from t2i_dist.storage import filesystem
 
     fs, root = filesystem(checkpoint, S3Section())
     root = root.rstrip("/")

@@ -1,15 +1,20 @@
-"""DeepSpeed engines for a plug-in's trainable networks: ds_config from our config, client optimizers."""
+"""DeepSpeed engines for a plug-in's trainable networks: ds_config from our config, client optimizers, and
+the engine a plug-in sees (`TrainedNetwork`: forward, the finite-loss skip, ZeRO-3 gathering)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import deepspeed
 import torch
+from torch import nn
 
+from t2i_dist import dist
 from t2i_dist.config import Config
 from t2i_dist.engine.precision import Placement
+from t2i_dist.engine.zero import gathered, is_partitioned
 from t2i_dist.models.base import Trainable
 
 # DeepSpeed's default communication bucket (elements); ZeRO-3 allocates one in full per rank
@@ -60,7 +65,68 @@ def warmup_schedule(warmup_steps: int):
     return lambda step: 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
-def build_engine(cfg: Config, placement: Placement, trainable: Trainable) -> Any:
+class DeepSpeedEngine(Protocol):
+    """The part of deepspeed.DeepSpeedEngine this project uses."""
+
+    module: nn.Module
+    skipped_steps: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> Any: ...
+    def step(self) -> None: ...
+    def get_lr(self) -> list[float]: ...
+    def get_global_grad_norm(self) -> float | torch.Tensor | None: ...
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = ...) -> Any: ...
+    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = ...,
+                        load_lr_scheduler_states: bool = ...) -> tuple[str | None, Any]: ...
+
+
+class TrainedNetwork:
+    """One trainable network inside its DeepSpeed engine, as a plug-in uses it (models.base.TrainedEngine)."""
+
+    def __init__(self, engine: DeepSpeedEngine):
+        self.engine = engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def partitioned(self) -> bool:
+        return is_partitioned(self.engine.module.parameters())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        """engine.backward + engine.step unless the loss is non-finite on any rank; then the micro-batch is
+        dropped on every rank together (so collectives stay matched) and False is returned."""
+        if not dist.all_finite(loss):
+            return False
+        self.engine.backward(loss)
+        self.engine.step()
+        return True
+
+    def gathered(self) -> AbstractContextManager[object]:
+        return gathered(list(self.engine.module.parameters()))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped for non-finite gradients."""
+        return self.engine.skipped_steps
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float:
+        value = self.engine.get_global_grad_norm()
+        if value is None:
+            return float("nan")
+        value = float(value)
+        return value if math.isfinite(value) else float("nan")
+
+
+def build_engine(cfg: Config, placement: Placement, trainable: Trainable) -> TrainedNetwork:
     stage = cfg.deepspeed.zero_stage if trainable.zero_stage is None else trainable.zero_stage
     params = [p for p in trainable.module.parameters() if p.requires_grad]
     ds_config = deepspeed_config(cfg, placement, stage, bucket_elements(params, stage))
@@ -82,16 +148,8 @@ def build_engine(cfg: Config, placement: Placement, trainable: Trainable) -> Any
         model=trainable.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         dist_init_required=False,
     )
-    return engine
+    return TrainedNetwork(engine)
 
 
-def build_engines(cfg: Config, placement: Placement, trainables: dict[str, Trainable]) -> dict[str, Any]:
+def build_engines(cfg: Config, placement: Placement, trainables: dict[str, Trainable]) -> dict[str, TrainedNetwork]:
     return {name: build_engine(cfg, placement, t) for name, t in trainables.items()}
-
-
-def grad_norm(engine: Any) -> float:
-    value = engine.get_global_grad_norm()
-    if value is None:
-        return float("nan")
-    value = float(value)
-    return value if math.isfinite(value) else float("nan")

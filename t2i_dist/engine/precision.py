@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from t2i_dist.config import Config
+from t2i_dist.dist import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,14 @@ class Placement:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
 
-def resolve_placement(cfg: Config, local_rank: int = 0) -> Placement:
+def resolve_placement(cfg: Config, local_rank: int = 0, device: torch.device | None = None) -> Placement:
+    """`device`: the one the launcher assigned (Ray Train's); None picks cuda:local_rank or the CPU."""
     use_gpu = cfg.cluster.use_gpu and torch.cuda.is_available()
     if cfg.cluster.use_gpu and not torch.cuda.is_available():
         raise RuntimeError("cluster.use_gpu=true but this worker sees no CUDA device; set cluster.use_gpu=false")
-    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
-    backend = cfg.cluster.backend if cfg.cluster.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    if device is None:
+        device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    backend = backend_for(cfg.cluster.backend, use_gpu)
 
     wanted = cfg.deepspeed.precision
     if wanted == "auto":

@@ -4,11 +4,12 @@ torchmetrics' scale of 100). Only meaningful with trained CLIP weights, so it ru
 
 from __future__ import annotations
 
+import open_clip
 import torch
 import torch.nn.functional as F
 
-from t2i_dist.models.clip import load_clip, tokenizer_for
-from t2i_dist.models.component_config import ClipConfig
+from t2i_dist.config import ClipConfig
+from t2i_dist.models.clip.encoders import load_clip, tokenizer_for
 
 
 def clip_unavailable_reason(cfg: ClipConfig | None) -> str | None:
@@ -22,7 +23,8 @@ def clip_unavailable_reason(cfg: ClipConfig | None) -> str | None:
 class ClipScorer:
     def __init__(self, cfg: ClipConfig, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = load_clip(cfg).to(self.device)
+        # open_clip.CLIP or CustomTextCLIP: the same visual/encode_* API (open_clip ships no type hints)
+        self.model: open_clip.CLIP = load_clip(cfg).to(self.device)
         self.tokenizer = tokenizer_for(cfg)
         pre = self.model.visual.preprocess_cfg
         self.size = tuple(pre["size"]) if isinstance(pre["size"], (tuple, list)) else (pre["size"],) * 2

@@ -4,7 +4,7 @@ which worker generates a caption, and in which batch, does not change its image.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,11 @@ def resize_generated(images: torch.Tensor, resolution: int | None) -> list[torch
 
 @dataclass(frozen=True)
 class CheckpointGenerator:
+    """`load_plugin(checkpoint, device)` makes the plug-in (engine/inference.py's, given by the entry point):
+    a module-level function, so the generator travels to Ray tasks."""
+
     checkpoint: str
+    load_plugin: Callable[[str, str], Any]
     seed: int = 0
     batch_size: int = 8
     resolution: int | None = None
@@ -55,9 +59,7 @@ class CheckpointGenerator:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def batches(self, items: list[Item]) -> Iterator[tuple[list[Item], list[torch.Tensor], float]]:
-        from t2i_dist.sample import load_plugin
-
-        plugin = load_plugin(self.checkpoint, self.device)
+        plugin = self.load_plugin(self.checkpoint, self.device)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             seeds = [caption_seed(self.seed, it.index) for it in chunk]

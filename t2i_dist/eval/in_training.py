@@ -99,6 +99,7 @@ class InTrainingEval:
             if self.rank != 0 and not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f"{path.name}.{self.rank}.tmp")
+                assert blob[0] is not None  # rank 0's bytes
                 tmp.write_bytes(blob[0])
                 tmp.replace(path)
         return str(path)

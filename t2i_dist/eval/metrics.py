@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2i_dist.config import ClipConfig
 from t2i_dist.eval.alignment import FEATURE_DIM as ALIGNMENT_DIM
 from t2i_dist.eval.alignment import AlignmentCounts, AlignmentScorer, load_classifier
 from t2i_dist.eval.clip_score import ClipScorer, clip_unavailable_reason
@@ -29,7 +30,6 @@ from t2i_dist.eval.stats import (
     is_rank_deficient,
     kernel_inception_distance,
 )
-from t2i_dist.models.component_config import ClipConfig
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,8 @@ class Accumulator:
         self.spec = spec
         self.total_items = total_items
         self.extractor = InceptionExtractor(spec.extractor, spec.device)
-        self.clip = ClipScorer(spec.clip, spec.device) if clip_unavailable_reason(spec.clip) is None else None
+        self.clip = (ClipScorer(spec.clip, spec.device)
+                     if spec.clip is not None and clip_unavailable_reason(spec.clip) is None else None)
         self.aligner = AlignmentScorer(spec.alignment_path, spec.device) if spec.alignment_path else None
         self.partial = Partial(
             classifier=ClassifierStats(spec.is_splits, NUM_CLASSES) if self.extractor.head is not None else None,
@@ -204,6 +205,7 @@ class Accumulator:
                 p.clip_count += len(batch)
             if self.aligner is not None:
                 align_feats, counts = self.aligner.score(batch, batch_items)
+                assert p.alignment_stats is not None and p.alignment is not None  # made with the aligner
                 p.alignment_stats.add(align_feats)
                 p.alignment = p.alignment + counts
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 import numpy as np
 
 from t2i_dist.config import S3Section
-from t2i_dist.data.s3 import filesystem
 from t2i_dist.eval.inception import digest_of
 from t2i_dist.eval.metrics import MetricSpec, Partial
 from t2i_dist.eval.sources import Item
+from t2i_dist.storage import filesystem
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from t2i_dist.config import S3Section
-from t2i_dist.data.s3 import filesystem, is_remote
 from t2i_dist.data.sources import SHARD_SUFFIXES, expand_urls
 from t2i_dist.eval.inception import pil_to_uint8
+from t2i_dist.storage import filesystem, is_remote
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 TEXT_EXTS = ("txt", "caption", "text")
@@ -107,7 +107,7 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _shard_items(url: str, require_images: bool, s3: S3Section | None) -> Iterator[Item]:
     # "r:" (seekable, uncompressed) reads headers and skips data; .tar.gz shards need "r:*" (full read)
-    mode = "r:" if url.endswith(".tar") else "r:*"
+    mode: Literal["r:", "r:*"] = "r:" if url.endswith(".tar") else "r:*"
     with _open(url, s3) as raw, tarfile.open(fileobj=raw, mode=mode) as tar:
         current: dict[str, Any] | None = None
 

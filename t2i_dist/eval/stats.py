@@ -30,8 +30,8 @@ class FeatureStats:
 
     dim: int
     count: int = 0
-    total: np.ndarray = field(default=None)  # type: ignore[assignment]
-    outer: np.ndarray = field(default=None)  # type: ignore[assignment]
+    total: np.ndarray = field(default=None)  # type: ignore[arg-type]  # None until __post_init__ fills it
+    outer: np.ndarray = field(default=None)  # type: ignore[arg-type]  # None until __post_init__ fills it
 
     def __post_init__(self) -> None:
         if self.total is None:
@@ -89,7 +89,7 @@ class FeatureStats:
         return cls(total.shape[0], int(arrays["count"]), total, np.asarray(arrays["outer"], np.float64))
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, **self.to_arrays())
+        np.savez(path, **self.to_arrays())  # type: ignore[arg-type]  # numpy stubs: **kwds could hit allow_pickle
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
@@ -195,9 +195,9 @@ class ClassifierStats:
 
     splits: int
     num_classes: int
-    count: np.ndarray = field(default=None)  # type: ignore[assignment]
-    prob_sum: np.ndarray = field(default=None)  # type: ignore[assignment]
-    neg_entropy_sum: np.ndarray = field(default=None)  # type: ignore[assignment]
+    count: np.ndarray = field(default=None)  # type: ignore[arg-type]  # None until __post_init__ fills it
+    prob_sum: np.ndarray = field(default=None)  # type: ignore[arg-type]  # None until __post_init__ fills it
+    neg_entropy_sum: np.ndarray = field(default=None)  # type: ignore[arg-type]  # None until __post_init__ fills it
 
     def __post_init__(self) -> None:
         if self.count is None:

@@ -1,23 +1,55 @@
-"""The plug-in interface every model family implements.
+"""The plug-in interface every model family implements, documented in one place.
 
-The shared loop (engine/worker.py) owns data, DeepSpeed engines, checkpoints and tracking; a plug-in owns
-its networks, its loss and its sampler. A new family is one module plus one line in models/__init__.py.
+The shared loop (`engine/loop.py`) owns data, DeepSpeed engines, checkpoints, tracking and the timetable;
+a plug-in owns its networks, its loss and its sampler. A family is a folder under `models/` exporting a
+`FamilySpec` named SPEC, plus one name in `models/registry.py`.
+
+A minimal family (tests/family_example.py trains, checkpoints and samples one through the real loop):
+
+    class TinyConfig(FamilyConfig):
+        family: Literal["tiny"] = "tiny"
+
+    class TinyPlugin(ModelPlugin):
+        def __init__(self, cfg, device, dtype=torch.float32):
+            super().__init__(cfg, device, dtype)
+            self.net = nn.Conv2d(3, 3, 1).to(device)
+
+        def trainables(self):
+            return {"net": Trainable(self.net, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)}
+
+        def train_step(self, batch, step):
+            loss = self.engines["net"](batch.images).square().mean()
+            self.engines["net"].backward_and_step(loss)   # skipped on every rank if non-finite on one
+            return {"loss": loss.detach()}
+
+        def inference_state(self):
+            with self.engines["net"].gathered():        # collective under ZeRO-3
+                return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
+
+        def load_inference_state(self, state, **options):
+            self.net.load_state_dict(state["net"])
+
+        def sample(self, prompts, seeds, **options):
+            ...  # images in [0, 1], one per (prompt, seed)
+
+    SPEC = FamilySpec("tiny", TinyConfig, plugin="my_package.tiny:TinyPlugin")
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from t2i_dist.config import Config
+    from t2i_dist.batch import Batch
+    from t2i_dist.config import Config, FamilyConfig
 
 
 @dataclass
@@ -33,21 +65,27 @@ class Trainable:
     zero_stage: int | None = None
 
 
-@dataclass
-class Batch:
-    """One micro-batch. `images` are float in [-1, 1], NCHW; precomputed shards fill `latents`/`text` instead."""
+class TrainedEngine(Protocol):
+    """What a plug-in sees of the engine the loop made for one of its trainables (engine/engines.py)."""
 
-    captions: list[str]
-    images: torch.Tensor | None = None
-    latents: torch.Tensor | None = None
-    text: dict[str, torch.Tensor] = field(default_factory=dict)
+    @property
+    def module(self) -> nn.Module: ...
 
-    def __len__(self) -> int:
-        return len(self.captions)
+    @property
+    def partitioned(self) -> bool:
+        """True when ZeRO-3 partitions the module's parameters (reading them needs `gathered()`)."""
+        ...
 
-    def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(self.captions, move(self.images), move(self.latents), {k: move(v) for k, v in self.text.items()})
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        """backward + optimizer step, unless the loss is non-finite on any rank: then every rank skips this
+        micro-batch together (collectives stay matched) and False is returned."""
+        ...
+
+    def gathered(self) -> AbstractContextManager[object]:
+        """Full parameters for reading inside the block; collective under ZeRO-3, a no-op otherwise."""
+        ...
 
 
 def count_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
@@ -64,18 +102,32 @@ def count_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
     return counts
 
 
-class ModelPlugin(ABC):
-    """Base class of a model family. Subclasses set `family` and implement the abstract methods."""
+@contextmanager
+def mixed_precision(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Autocast for the frozen fp32 parts feeding a bf16 network (a no-op in fp32)."""
+    if dtype == torch.bfloat16:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
 
-    family: str = ""
+
+class ModelPlugin(ABC):
+    """Base class of a model family's plug-in.
+
+    Called by the loop on every rank, in this order: trainables/frozen (once), attach_engines (once),
+    load_state_dict (on resume), then per step train_step (once per micro-batch) and after_optimizer_step;
+    before_sampling before any sample() of a sample grid or evaluation; state_dict and inference_state when
+    a checkpoint is written (inference_state is collective under ZeRO-3)."""
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         self.device = device
         # compute dtype of the trained networks (bf16 under DeepSpeed's bf16 mode)
         self.dtype = dtype
+        self.engines: dict[str, TrainedEngine] = {}
 
-    # -- what the loop needs ---------------------------------------------------------------------------
+    # -- training ----------------------------------------------------------------------------------------
     @abstractmethod
     def trainables(self) -> dict[str, Trainable]:
         """Networks to train, each becoming one DeepSpeed engine, keyed by a stable name."""
@@ -84,43 +136,30 @@ class ModelPlugin(ABC):
         """Frozen networks (replicated on every rank, never partitioned by ZeRO)."""
         return {}
 
-    def attach_engines(self, engines: dict[str, Any]) -> None:
+    def attach_engines(self, engines: dict[str, TrainedEngine]) -> None:
         """Called once engines exist; plug-ins keep them for train_step and sampling."""
         self.engines = engines
 
     @abstractmethod
     def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        """Forward + engine.backward + engine.step for one micro-batch; returns detached scalar metrics.
-        Must include 'loss'. A non-finite loss must be returned as is (the loop counts and skips it)."""
-
-    def backward_and_step(self, engine: Any, loss: torch.Tensor) -> bool:
-        """engine.backward + engine.step unless the loss is non-finite on any rank; then the micro-batch is
-        dropped on every rank together (so collectives stay matched) and False is returned."""
-        finite = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            return False
-        engine.backward(loss)
-        engine.step()
-        return True
+        """Forward + engine.backward_and_step for one micro-batch; returns detached scalar metrics.
+        Must include 'loss'. A non-finite loss must be returned as is (the loop counts it)."""
 
     def after_optimizer_step(self, step: int) -> None:
-        """Hook after an optimizer step (EMA updates)."""
+        """After each optimizer step, on every rank (EMA updates)."""
 
-    def extra_state(self) -> dict[str, Any]:
-        """State outside the engines that a resume needs (EMA, GAN schedules); saved by rank 0."""
+    def before_sampling(self) -> None:
+        """On every rank before the loop samples (grids on rank 0, evaluation on all): the place for
+        collective preparation, e.g. gathering a ZeRO-3 partitioned generator."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state outside the engines (EMA, random generators). The entry under "rank" is this rank's
+        own (saved per rank); the rest is the same on every rank (saved once, by rank 0)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
-    def rank_rng_state(self) -> dict[str, Any]:
-        """This rank's own random generators (each rank draws different noise); saved per rank."""
-        return {}
-
-    def load_rank_rng_state(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """What state_dict returned (rank 0's shared part, with this rank's "rank" entry when the world size
+        is unchanged); called on every rank after the engines were restored."""
 
     # -- inference ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -129,21 +168,39 @@ class ModelPlugin(ABC):
         collectively); the result of rank 0 is written to the checkpoint."""
 
     @abstractmethod
-    def load_inference_state(self, state: dict[str, Any]) -> None:
-        """Load what inference_state produced into freshly built (non-DeepSpeed) networks."""
+    def load_inference_state(self, state: dict[str, Any], **options: Any) -> None:
+        """Load what inference_state produced into freshly built (non-DeepSpeed) networks; `options` are the
+        family's FamilySpec.load_options."""
 
     @abstractmethod
     def sample(self, prompts: list[str], seeds: list[int], **options: Any) -> torch.Tensor:
-        """Images in [0, 1], float32, NCHW, one per (prompt, seed); deterministic given the seed."""
+        """Images in [0, 1], float32, NCHW, one per (prompt, seed); deterministic given the seed. `options`
+        are the family's FamilySpec.sample_options."""
 
-    def parameter_counts(self) -> dict[str, int]:
-        return count_parameters({**{k: t.module for k, t in self.trainables().items()}, **self.frozen()})
 
-    @contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Autocast for the frozen fp32 parts feeding a bf16 network (a no-op in fp32)."""
-        if self.dtype == torch.bfloat16:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+@dataclass(frozen=True)
+class FamilySpec:
+    """What the registry knows of a family without importing its networks."""
+
+    name: str
+    config_class: type[FamilyConfig]
+    plugin: str  # "module:Class": imported only where networks are built (the driver validates without it)
+    sample_options: tuple[str, ...] = ()  # keyword options ModelPlugin.sample accepts
+    load_options: tuple[str, ...] = ()  # keyword options ModelPlugin.load_inference_state accepts
+    description: str = ""
+
+    def plugin_class(self) -> type[ModelPlugin]:
+        module, _, attr = self.plugin.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, ModelPlugin)):
+            raise TypeError(f"family {self.name!r}: {self.plugin} is not a ModelPlugin subclass")
+        return cls
+
+    def split_options(self, options: dict[str, Any], accepted: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+        """(options this family accepts, names it does not take); unset (None) options are dropped."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return {k: v for k, v in given.items() if k in accepted}, sorted(set(given) - set(accepted))
+
+
+def parameter_counts(plugin: ModelPlugin) -> dict[str, int]:
+    return count_parameters({**{k: t.module for k, t in plugin.trainables().items()}, **plugin.frozen()})

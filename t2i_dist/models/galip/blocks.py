@@ -3,6 +3,8 @@ of Mate-G (fusion, G-blocks) and Mate-D (D-blocks)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,11 @@ class ConditionalAffine(nn.Module):
         self.scale = nn.Sequential(nn.Linear(cond_dim, channels), nn.ReLU(), nn.Linear(channels, channels))
         self.shift = nn.Sequential(nn.Linear(cond_dim, channels), nn.ReLU(), nn.Linear(channels, channels))
         # identity at init, so a fresh generator is a plain conv net the condition then learns to steer
-        nn.init.zeros_(self.scale[2].weight)
-        nn.init.ones_(self.scale[2].bias)
-        nn.init.zeros_(self.shift[2].weight)
-        nn.init.zeros_(self.shift[2].bias)
+        scale_out, shift_out = cast(nn.Linear, self.scale[2]), cast(nn.Linear, self.shift[2])
+        nn.init.zeros_(scale_out.weight)
+        nn.init.ones_(scale_out.bias)
+        nn.init.zeros_(shift_out.weight)
+        nn.init.zeros_(shift_out.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.scale(cond)[:, :, None, None] * x + self.shift(cond)[:, :, None, None]
@@ -97,5 +100,6 @@ class DBlock(nn.Module):
     def forward(self, x: torch.Tensor, clip_features: torch.Tensor | None = None) -> torch.Tensor:
         out = self.shortcut(x) + self.gamma * self.residual(x)
         if self.beta is not None:
+            assert clip_features is not None, "this block takes the next CLIP layer's features"
             out = out + self.beta * clip_features
         return out

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from t2i_dist.models.component_config import ClipConfig, Part
+from t2i_dist.config import ClipConfig, FamilyConfig
 
 if TYPE_CHECKING:
     from t2i_dist.config import Config
 
 
-class GALIPConfig(Part):
+class GALIPConfig(FamilyConfig):
     family: Literal["galip"] = "galip"
     clip: ClipConfig = ClipConfig()
     noise_dim: int = Field(100, ge=1)
@@ -88,7 +88,7 @@ class GALIPConfig(Part):
 def clip_vision_depth(name: str) -> int | None:
     """Vision blocks of an open_clip architecture, read from its JSON config without importing open_clip
     (config validation runs on the driver); None when the architecture is not found that way (hf-hub ids)."""
-    candidates = [Path(str(resources.files("t2i_dist.models") / "clip_configs" / f"{name}.json"))]
+    candidates = [Path(str(resources.files("t2i_dist.models.clip") / "configs" / f"{name}.json"))]
     spec = util.find_spec("open_clip")
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) / "model_configs" / f"{name}.json" for p in spec.submodule_search_locations]

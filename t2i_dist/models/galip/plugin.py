@@ -12,26 +12,18 @@ import zlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from t2i_dist import dist
+from t2i_dist.batch import Batch
 from t2i_dist.config import Config
-from t2i_dist.models.base import Batch, ModelPlugin, Trainable
-from t2i_dist.models.clip import FrozenClipText, load_clip
+from t2i_dist.models.base import ModelPlugin, Trainable, mixed_precision
+from t2i_dist.models.clip.encoders import FrozenClipText, load_clip
 from t2i_dist.models.galip.config import GALIPConfig
 from t2i_dist.models.galip.discriminator import MateDiscriminator
 from t2i_dist.models.galip.generator import MateGenerator
 from t2i_dist.models.galip.losses import discriminator_loss, generator_loss, score_without_weight_grads
 from t2i_dist.models.galip.vision import ClipVision
-
-
-def zero3_gathered(params: list[nn.Parameter]):
-    """Gather ZeRO-3 partitioned parameters for reading (collective: every rank must enter); a no-op otherwise."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 class GALIPPlugin(ModelPlugin):
@@ -82,7 +74,7 @@ class GALIPPlugin(ModelPlugin):
         last_step, micro = self._micro_step
         micro = micro + 1 if step == last_step else 0
         self._micro_step = (step, micro)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = dist.rank()
         seed = zlib.crc32(f"{self.cfg.run.seed}/{rank}/{step}/{micro}".encode())
         return torch.randn(n, self.m.noise_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
 
@@ -94,42 +86,37 @@ class GALIPPlugin(ModelPlugin):
         images = batch.images.to(self.device, torch.float32)
         sentence = self.text_encoder(batch.captions)["pooled"].to(dt)
         noise = self._noise(len(batch), step).to(dt)
-        with self.autocast():
+        with mixed_precision(self.device, dt):
             with torch.no_grad():
                 real, _ = self.vision.encode(images, taps, with_embedding=False)
             fake_images = g_engine(noise, sentence, self.vision)
             fake, fake_embedding = self.vision.encode(fake_images, taps, with_embedding=True)
             d = discriminator_loss(d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p)
-        d_engine.backward(d.loss)
-        d_engine.step()
+        # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
+        d_engine.backward_and_step(d.loss)
         # generator step against the just-updated discriminator, reusing this step's fakes and their graph
-        with self.autocast():
+        with mixed_precision(self.device, dt):
             scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence)
             loss_g, similarity = generator_loss(scores, fake_embedding, sentence, m.clip_sim_weight)
-        g_engine.backward(loss_g)
-        g_engine.step()
+        g_engine.backward_and_step(loss_g)
         loss_g = loss_g.detach()
         # 'loss' is what the loop checks for finiteness: non-finite if either network's loss is
         return {"loss": d.loss.detach() + loss_g, "loss_g": loss_g, "clip_sim": similarity.detach(), **d.metrics()}
 
     # -- inference -------------------------------------------------------------------------------------------
     def _generator_partitioned(self) -> bool:
-        return any(hasattr(p, "ds_id") for p in self.generator_net.parameters())
+        engine = self.engines.get("generator")
+        return engine is not None and engine.partitioned
 
     def _generator_state(self) -> dict[str, torch.Tensor]:
         """fp32 copy of Mate-G's weights; collective when ZeRO-3 partitions them."""
-        with zero3_gathered(list(self.generator_net.parameters())):
+        gathered = self.engines["generator"].gathered() if self.engines else contextlib.nullcontext()
+        with gathered:
             return {k: v.detach().float().cpu().clone() for k, v in self.generator_net.state_dict().items()}
 
-    def after_optimizer_step(self, step: int) -> None:
-        # The loop samples on rank 0 alone, which cannot gather a ZeRO-3 generator: every rank takes part in
-        # a gathered snapshot here, on the steps that sample (grids, in-training evaluation).
-        run, every = self.cfg.run, (self.cfg.run.sample_every, self.cfg.eval.every)
-        if step == run.max_steps or any(n and step % n == 0 for n in every):
-            self._refresh_sampling_snapshot()
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        # called on every rank right after the engines were restored: a resumed run may sample before it steps
+    def before_sampling(self) -> None:
+        # The loop samples grids on rank 0 alone, which cannot gather a ZeRO-3 generator: every rank takes
+        # part in a gathered snapshot here.
         self._refresh_sampling_snapshot()
 
     def _refresh_sampling_snapshot(self) -> None:
@@ -157,8 +144,8 @@ class GALIPPlugin(ModelPlugin):
         if not self._generator_partitioned():
             return self.generator_net  # the engine's module while training (DeepSpeed wraps it in place)
         if self._sampling_net is None:
-            raise RuntimeError("Mate-G is partitioned by ZeRO-3 and no gathered snapshot exists yet: snapshots are "
-                               "taken in after_optimizer_step on sampling steps (run.sample_every, eval.every)")
+            raise RuntimeError("Mate-G is partitioned by ZeRO-3 and no gathered snapshot exists yet: call "
+                               "before_sampling on every rank first")
         return self._sampling_net
 
     @torch.no_grad()

@@ -16,6 +16,9 @@ class ClipVision(nn.Module):
     still reach the inputs. `checkpoint_blocks` recomputes each block in backward instead of storing its
     activations (the frozen ViT dominates Mate-G's activation memory)."""
 
+    mean: torch.Tensor  # buffers registered in __init__
+    std: torch.Tensor
+
     def __init__(self, clip_model: nn.Module, checkpoint_blocks: bool = False):
         super().__init__()
         visual = clip_model.visual

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from t2i_dist.eval.render import (
+from t2i_dist.report.render import (
     Figure,
     Report,
     curve_figure,
@@ -28,7 +28,7 @@ from t2i_dist.eval.render import (
     write_html,
     write_markdown,
 )
-from t2i_dist.eval.runs import RunSummary, load_run
+from t2i_dist.report.runs import RunSummary, load_run
 
 STUDY_PROMPTS = [
     "a village in the mountains in spring",
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fresh_grid(checkpoint: str, prompts: list[str], per_prompt: int, device: str) -> tuple[bytes, float]:
     """(PNG grid: a row per seed, a column per prompt; seconds per image)."""
+    from t2i_dist.engine.inference import load_plugin
     from t2i_dist.images import png_bytes_of_grid, prompt_seeds
-    from t2i_dist.sample import load_plugin
 
     plugin = load_plugin(checkpoint, device)
     flat, seeds = prompt_seeds(prompts, per_prompt)

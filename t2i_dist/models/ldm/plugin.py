@@ -3,7 +3,6 @@ text token states; DDPM training (epsilon or v), Min-SNR weighting, caption drop
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -12,11 +11,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 
+from t2i_dist.batch import Batch
 from t2i_dist.config import Config
-from t2i_dist.models import vae as vae_lib
-from t2i_dist.models.base import Batch, ModelPlugin, Trainable
-from t2i_dist.models.clip import FrozenClipText
-from t2i_dist.models.ldm_config import LDMConfig
+from t2i_dist.models.base import ModelPlugin, Trainable
+from t2i_dist.models.clip.encoders import FrozenClipText
+from t2i_dist.models.ldm.config import LDMConfig
+from t2i_dist.models.ldm.latents import check_latent_model
+from t2i_dist.models.vae import autoencoder as vae_lib
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
 
@@ -36,15 +37,6 @@ def build_unet(m: LDMConfig, latent_channels: int, latent_size: int, context_dim
         transformer_layers_per_block=u.transformer_layers_per_block,
         cross_attention_dim=context_dim,
     )
-
-
-def zero3_gathered(params: list[nn.Parameter]):
-    """Gather ZeRO-3 partitioned parameters for reading; a no-op for ordinary ones."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 class LDMPlugin(ModelPlugin):
@@ -97,8 +89,6 @@ class LDMPlugin(ModelPlugin):
         if batch.latents is not None:
             if self.cfg.data.format == "latents" and not self._latent_shards_checked:
                 # refuse shards encoded by other frozen weights/settings (their precompute.json says which)
-                from t2i_dist.precompute import check_latent_model
-
                 check_latent_model(self, batch.latents, batch.text.get("hidden"))
                 self._latent_shards_checked = True
             latents = batch.latents.float()
@@ -133,26 +123,21 @@ class LDMPlugin(ModelPlugin):
             clipped = torch.clamp(snr, max=self.m.min_snr_gamma)
             per_sample = per_sample * (clipped / snr if self.m.prediction_type == "epsilon" else clipped / (snr + 1))
         loss = per_sample.mean()
-        self.backward_and_step(engine, loss)
+        engine.backward_and_step(loss)
         return {"loss": loss.detach()}
 
     def after_optimizer_step(self, step: int) -> None:
-        params = list(self.unet.parameters())
-        with zero3_gathered(params):
-            self.ema.step(params)
+        with self.engines["unet"].gathered():
+            self.ema.step(list(self.unet.parameters()))
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "rank": {"generator": self.generator.get_state()}}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
         self.ema.shadow_params = [p.float() for p in self.ema.shadow_params]
-
-    def rank_rng_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_rank_rng_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        if "generator" in state.get("rank", {}):
+            self.generator.set_state(state["rank"]["generator"])
 
     # -- inference ---------------------------------------------------------------------------------------
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -160,8 +145,7 @@ class LDMPlugin(ModelPlugin):
         return {n: p.detach().float().cpu().clone() for n, p in zip(names, self.ema.shadow_params, strict=True)}
 
     def inference_state(self) -> dict[str, Any]:
-        params = list(self.unet.parameters())
-        with zero3_gathered(params):
+        with self.engines["unet"].gathered():
             raw = {k: v.detach().float().cpu().clone() for k, v in self.unet.state_dict().items()}
         return {"unet": raw, "unet_ema": self.ema_state_dict()}
 
@@ -174,7 +158,7 @@ class LDMPlugin(ModelPlugin):
 
     def sampling_unet(self) -> UNet2DConditionModel:
         """During training: a separate fp32 UNet holding the EMA weights (the engine's may be partitioned)."""
-        if getattr(self, "engines", None) is None and self._sampling_unet is not None:
+        if not self.engines and self._sampling_unet is not None:
             return self._sampling_unet
         if self._sampling_unet is None or self._sampling_unet is self.unet:
             self._sampling_unet = build_unet(self.m, self.latent_channels, self.latent_size, self.text_encoder.width)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from t2i_dist.eval.runs import RunSummary
+from t2i_dist.report.runs import RunSummary
 
 MISSING = "–"
 
@@ -116,7 +116,7 @@ def enlarge(png: bytes, min_width: int = 512) -> bytes:
     """Nearest-neighbour upscaling of small grids (32 px samples would be stamps in a page)."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(png))
+    image: Image.Image = Image.open(io.BytesIO(png))
     factor = -(-min_width // image.width)
     if factor <= 1:
         return png

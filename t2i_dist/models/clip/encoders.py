@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import cast
 
 import open_clip
 import torch
 from torch import nn
 
-from t2i_dist.models.component_config import ClipConfig
+from t2i_dist.config import ClipConfig
 
 
 @cache
 def _register_shipped_configs() -> None:
-    open_clip.add_model_config(resources.files("t2i_dist.models") / "clip_configs")
+    open_clip.add_model_config(resources.files("t2i_dist.models.clip") / "configs")
 
 
 def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -42,16 +43,22 @@ def tokenizer_for(cfg: ClipConfig):
 class FrozenClipText(nn.Module):
     """Token-level hidden states (B, L, width) and a pooled sentence embedding (B, embed_dim)."""
 
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor
+    text_projection: torch.Tensor | nn.Linear
+    attn_mask: torch.Tensor | None
+
     def __init__(self, cfg: ClipConfig, model: nn.Module | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         self.cfg = cfg
         model = model if model is not None else load_clip(cfg, device)
-        self.transformer = model.transformer
-        self.token_embedding = model.token_embedding
-        self.positional_embedding = model.positional_embedding
-        self.ln_final = model.ln_final
-        self.text_projection = model.text_projection
-        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+        clip = cast(open_clip.CLIP, model)  # the text tower's parts (open_clip ships no type hints)
+        self.transformer = clip.transformer
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
         self.text_pool_type = getattr(model, "text_pool_type", "argmax")
         self.tokenizer = tokenizer_for(cfg)
         self.requires_grad_(False).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from t2i_dist.models.component_config import VAEConfig
+from t2i_dist.models.vae.config import VAEConfig
 
 
 def load_vae(cfg: VAEConfig) -> AutoencoderKL:

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from t2i_dist.models.component_config import ClipConfig, Part, VAEConfig
+from t2i_dist.config import ClipConfig, FamilyConfig, Section
+from t2i_dist.models.vae.config import VAEConfig
 
 if TYPE_CHECKING:
     from t2i_dist.config import Config
 
 
-class UNetConfig(Part):
+class UNetConfig(Section):
     """Arguments of diffusers' UNet2DConditionModel (trained from scratch)."""
 
     block_out_channels: list[int] = [32, 64]
@@ -24,13 +25,13 @@ class UNetConfig(Part):
     transformer_layers_per_block: int = 1
 
 
-class SamplerConfig(Part):
+class SamplerConfig(Section):
     sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(4.0, ge=0)
 
 
-class LDMConfig(Part):
+class LDMConfig(FamilyConfig):
     family: Literal["ldm"] = "ldm"
     unet: UNetConfig = UNetConfig()
     vae: VAEConfig = VAEConfig()

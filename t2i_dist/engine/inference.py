@@ -1,0 +1,37 @@
+"""A plug-in ready to sample, from a checkpoint directory (local or s3://), outside any training run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from t2i_dist.engine.checkpoint import load_for_inference
+from t2i_dist.models.base import ModelPlugin
+from t2i_dist.models.registry import build_plugin, family, validate_config
+
+log = logging.getLogger(__name__)
+
+
+def sample_options(family_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The sampling options this family accepts; options it does not take are reported and dropped (GALIP
+    generates in one forward pass: no sampler, steps or guidance)."""
+    accepted, ignored = family(family_name).split_options(options, family(family_name).sample_options)
+    if ignored:
+        log.warning("the %s family takes no %s; ignored", family_name, ", ".join(ignored))
+    return accepted
+
+
+def load_plugin(checkpoint: str, device: str = "cpu", **load_options: Any) -> ModelPlugin:
+    """Networks rebuilt from the checkpoint's config, weights from its inference state. `load_options` are
+    the family's FamilySpec.load_options (e.g. use_ema for latent diffusion); others are dropped."""
+    config, state = load_for_inference(checkpoint)
+    config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
+    cfg = validate_config(config)
+    spec = family(cfg.model.family)
+    accepted, _ = spec.split_options(load_options, spec.load_options)
+    torch.manual_seed(cfg.run.seed)
+    plugin = build_plugin(cfg, torch.device(device), torch.float32)
+    plugin.load_inference_state(state, **accepted)
+    return plugin

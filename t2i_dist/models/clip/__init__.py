@@ -1,0 +1,1 @@
+"""open_clip models: the frozen text encoder and vision tower the families condition on."""

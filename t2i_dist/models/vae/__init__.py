@@ -1,0 +1,1 @@
+"""KL autoencoders: the frozen VAE the latent diffusion family encodes images with."""

@@ -1,0 +1,65 @@
+"""What every driver that starts Ray work shares (training, precompute): connecting to Ray, and the
+environment forwarded to workers, split into plain variables (Ray's runtime_env) and credentials (carried
+inside the task, never logged)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from t2i_dist.config import Config
+
+# environment the workers need when the driver joins a remote cluster (their raylet's env is not ours)
+FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "T2I_", "HF_", "S3_")
+# forwarded variables whose value is a credential: they must not travel in Ray's runtime_env, which Ray's
+# runtime-env agent writes to its log in full
+SECRET_NAME_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
+def connect_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
+    # the dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
+    # (without it, it warns every second and cannot clean up after a dead controller); loopback only
+    ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING)
+    # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
+    # would otherwise make that lookup ambiguous
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _is_secret(name: str, value: str) -> bool:
+    return any(w in name.upper() for w in SECRET_NAME_WORDS) or bool(URL_USERINFO.search(value))
+
+
+def forwarded_env() -> dict[str, str]:
+    """Forwarded variables that are not credentials (these go in Ray's runtime_env)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not _is_secret(k, v)}
+
+
+class SecretEnv:
+    """Credentials for the workers, carried inside the pickled training function (Ray's object store) rather
+    than the runtime_env; printing it shows no value."""
+
+    def __init__(self, values: dict[str, str]):
+        self._values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"SecretEnv({len(self._values)} values hidden)"
+
+    __str__ = __repr__
+
+    def apply(self) -> None:
+        os.environ.update(self._values)
+
+
+def forwarded_secrets() -> SecretEnv:
+    return SecretEnv({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)
+                      and _is_secret(k, v)})

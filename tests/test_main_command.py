@@ -1,0 +1,81 @@
+"""The README's main command, as a newcomer runs it: `python -m t2i_dist.train` with no Ray address and no
+MLflow URI, so the driver starts its own local Ray (dashboard on loopback), logs to the sqlite store under
+./mlruns, evaluates inside the loop and prints its summary. A shortened default config keeps it short."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from t2i_dist.processes import stop_process_group
+
+pytestmark = pytest.mark.slow
+
+SHORT_DEFAULT = [
+    "run.max_steps=4", "run.log_every=2", "run.sample_every=4", "run.checkpoint_every=4", "eval.every=4",
+    "eval.num_samples=8", "data.synthesize.num_samples=64", "data.synthesize.samples_per_shard=32",
+    "deepspeed.micro_batch_size=4", "model.sampling.steps=2", "tracking.samples_per_prompt=1",
+]
+
+
+def dashboard_listeners(root: psutil.Process) -> set[tuple[str, int]]:
+    """Listening addresses of the Ray dashboard processes under `root`."""
+    found: set[tuple[str, int]] = set()
+    try:
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for proc in children:
+        try:
+            if not any("dashboard.py" in part for part in proc.cmdline()):
+                continue
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_main_command_starts_its_own_ray_on_loopback_and_tracks_to_sqlite(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env["T2I_LOG_LEVEL"] = "WARNING"
+    proc = subprocess.Popen([sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", *SHORT_DEFAULT],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    listeners: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 600
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            listeners |= dashboard_listeners(psutil.Process(proc.pid))
+            time.sleep(1)
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode == 0, output[-4000:]
+
+    assert listeners, "no Ray dashboard was seen listening while the driver ran"
+    wide = sorted(a for a in listeners if not ipaddress.ip_address(a[0]).is_loopback)
+    assert not wide, f"the driver's Ray dashboard listens beyond loopback: {wide}"
+
+    store = tmp_path / "mlruns" / "mlflow.db"
+    assert store.is_file(), output[-2000:]
+    uri = f"sqlite:///{store}"
+    assert f"open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in output
+    assert "sample with: python -m t2i_dist.sample --checkpoint" in output
+    assert "step 4/4" in output and "img/s" in output and "ETA" in output
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("t2i_dist").experiment_id])
+    metrics = run.data.metrics
+    assert {"loss", "img_per_s", "eval/fid", "eval/real/alignment"} <= set(metrics), sorted(metrics)
+    assert metrics["eval/num_samples"] == 8  # the in-loop evaluation ran over all its captions
+    assert sorted(Path(tmp_path, "runs", "ldm-tiny").glob("checkpoint_*"))
