@@ -201,7 +201,8 @@ def build_trainer(cfg: Config, run_info: dict[str, Any]):
                            "run_info": {**run_info, "preemption_request": request}},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
+        # ray.train exports Train v2's RunConfig at runtime; type checkers see the v1 one (no worker_runtime_env)
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,

@@ -51,7 +51,7 @@ from t2i_dist.models.ldm.latents import (  # noqa: F401 - re-exported: the tool'
     encoder_record,
     weights_digest,
 )
-from t2i_dist.models.registry import load_config, validate_config
+from t2i_dist.models.registry import family, load_config, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not family(cfg.model.family).trains_on_latents:
+            raise ConfigError(f"--config {args.config} is a {cfg.model.family} config, which trains on images: "
+                              "precompute encodes latents for a latent diffusion config (e.g. ldm-tiny)")
         out = output_dir(cfg, args.out)
         images = args.images[0] if args.images and len(args.images) == 1 else args.images
         manifest = precompute(cfg, out, images, args.workers, args.batch_size, args.latent, args.threads)

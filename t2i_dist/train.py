@@ -52,20 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = launch.with_absolute_local_paths(cfg)
     print(f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
           f"workers, global batch {cfg.global_batch_size}, {cfg.run.max_steps} steps")
+    resume = None
+    if args.resume:
+        # checked before an MLflow run is made: a refused start leaves nothing behind
+        resume = args.resume if "://" in args.resume else os.path.abspath(args.resume)
+        from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint, verify_remote_checkpoint
+
+        try:
+            if "://" in resume:
+                verify_remote_checkpoint(resume, cfg.data.s3)
+            else:
+                verify_checkpoint(Path(resume))
+        except CheckpointError as exc:
+            print(f"error: --resume {args.resume}: {exc}", file=sys.stderr)
+            return 2
     run_dir = f"{launch.storage_uri(cfg).rstrip('/')}/{cfg.run.name}"
     run_info = launch.start_tracking(cfg, run_dir)
     # workers get the resolved list: their working directory is not the driver's
     run_info["shards"] = [s if "://" in s else os.path.abspath(s) for s in shards]
-    if args.resume:
-        resume = args.resume if "://" in args.resume else os.path.abspath(args.resume)
-        if "://" not in resume:
-            from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint
-
-            try:
-                verify_checkpoint(Path(resume))
-            except CheckpointError as exc:
-                print(f"error: --resume {args.resume}: {exc}", file=sys.stderr)
-                return 2
+    if resume:
         run_info["resume"] = resume
     ray_env.connect_ray(cfg)
     trainer = launch.build_trainer(cfg, run_info)
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        root = exc
+        root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
         print(f"error: training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else root!r}",

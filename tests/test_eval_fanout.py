@@ -127,12 +127,26 @@ def test_folder_mode_cli_prints_one_json_line(ray_cluster, image_sets, capsys):
     assert "is" in result["unavailable"] and "clip_score" in result["unavailable"]
     cached = list((image_sets["root"] / "cache").glob("*.npz"))
     assert len(cached) == 1 and f"{RES}px-n{N}" in cached[0].name
-    # a second run reads the cached real statistics and gives the same number
+    written = cached[0].stat().st_mtime_ns
+    # a second run reads the cached real statistics (the file is not rewritten) and gives the same number
     evaluate_main(["--real", image_sets["real"], "--fake", image_sets["fake"], "--workers", "1",
                    "--resolution", str(RES), "--reference-cache", str(image_sets["root"] / "cache")])
     again = json.loads(capsys.readouterr().out.strip())
     assert again["reference_cache"] == result["reference_cache"]
     assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    assert cached[0].stat().st_mtime_ns == written
+    # the cache is what is used: with the fake set's statistics put under the real set's key, the fake set
+    # is compared with itself
+    other = image_sets["root"] / "cache-of-fake"
+    evaluate_main(["--real", image_sets["fake"], "--fake", image_sets["fake"], "--workers", "0",
+                   "--resolution", str(RES), "--reference-cache", str(other)])
+    capsys.readouterr()
+    [fake_stats] = other.glob("*.npz")
+    cached[0].write_bytes(fake_stats.read_bytes())
+    evaluate_main(["--real", image_sets["real"], "--fake", image_sets["fake"], "--workers", "0",
+                   "--resolution", str(RES), "--reference-cache", str(image_sets["root"] / "cache")])
+    tampered = json.loads(capsys.readouterr().out.strip())
+    assert tampered["fid"] < 1e-3 * result["fid"], (tampered["fid"], result["fid"])
 
 
 def _error_of(argv: list[str], capsys) -> str:

@@ -131,3 +131,21 @@ def test_ldm_trains_from_latent_shards(ray_cluster, latent_dir, workdir):
             "model.sampling.steps=2", "tracking.samples_per_prompt=1", "run.name=from-latents"]
     assert train_main(args) == 0
     assert list(Path("runs/from-latents").glob("checkpoint_*"))
+
+
+def test_precompute_refuses_a_galip_config_and_latents_of_another_shape(latent_dir, image_shards, capsys):
+    from t2i_dist.config import ConfigError
+
+    # GALIP trains on pixels: there is nothing to precompute for it
+    with pytest.raises(ConfigError, match="data.format=latents is for the ldm family"):
+        check_latent_config(load_config("galip-tiny", ["data.synthesize.enabled=false", f"data.urls={latent_dir}"]))
+    assert precompute_main(["--config", "galip-tiny", "--workers", "0", "--images", str(image_shards)]) == 2
+    assert "galip" in capsys.readouterr().err.lower()
+
+    # latents whose shape is not this model's are refused on the first batch, naming both shapes
+    cfg = latents_config(latent_dir)
+    plugin = build_encoders(cfg)
+    batch = next(iter(ShardLoader(cfg.data, batch_size=4)))
+    batch.latents = batch.latents[:, :, :4, :4]
+    with pytest.raises(DataError, match=r"latents of shape \[4, 4, 4\] but this model works on \[4, 16, 16\]"):
+        plugin.encode_batch(batch)

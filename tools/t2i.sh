@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two entry points of the README; each does its own set-up.
 #   tools/t2i.sh train [train args...]   train the embedded default (tiny LDM, local Ray, local shards, local MLflow)
-#   tools/t2i.sh test  [pytest args...]  run the test suite (installs Slurm/munge through apt when root)
+#   tools/t2i.sh test  [pytest args...]  run the test suite (installs a pinned kubectl; Slurm/munge through apt when root)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cmd="${1:-}"; shift || true

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.time()
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="t2i-bench-")
-    workdir = args.workdir or Path(scratch.name)
+    workdir = Path(scratch.name) if scratch is not None else args.workdir
     ctx = BenchContext(quick=args.quick, config=args.config, workdir=workdir)
     rows: list[Row] = []
     try:

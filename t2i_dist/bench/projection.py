@@ -123,7 +123,7 @@ def h100_img_per_s(flops: float) -> float:
 
 
 def anchor_flops() -> float:
-    from diffusers import UNet2DConditionModel
+    from diffusers.models import UNet2DConditionModel  # not `diffusers`: type checkers see its dummy class
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD2_UNET)

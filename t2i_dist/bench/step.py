@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,9 @@ class OursVariant:
         from t2i_dist.engine.loop import TrainLoop
 
         self.cfg = cfg
-        self.loop = TrainLoop(cfg, local_context(cfg, workdir / "checkpoints"))
+        # the step alone: no in-training evaluation set up (its captions may not be in these shards)
+        step_only = cfg.revalidated({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "every": 0}})
+        self.loop = TrainLoop(step_only, local_context(step_only, workdir / "checkpoints"))
         self.plugin = self.loop.plugin
         self.data: Iterator[Any] = iter(self.loop.loader)
         self.wait_fractions: list[float] = []
@@ -77,12 +80,16 @@ class ReferenceVariant:
     """diffusers' train_text_to_image.py step, minimal and in one process."""
 
     def __init__(self, cfg: Config, frozen_from: OursVariant, shards: list[str]):
-        from diffusers import DDPMScheduler
+        from diffusers.schedulers.scheduling_ddpm import (
+            DDPMScheduler,  # `diffusers` shows type checkers a dummy
+        )
         from diffusers.training_utils import EMAModel
 
-        from t2i_dist.models.ldm.plugin import build_unet
+        from t2i_dist.models.ldm.config import LDMConfig
+        from t2i_dist.models.ldm.plugin import LDMPlugin, build_unet
 
-        m, ours = cfg.model, frozen_from.plugin
+        # the script trains a latent diffusion model: the bench runs it on an ldm config
+        m, ours = cast(LDMConfig, cfg.model), cast(LDMPlugin, frozen_from.plugin)
         self.cfg = cfg
         self.vae, self.text_encoder, self.scale = ours.vae, ours.text_encoder, ours.latent_scale
         torch.manual_seed(cfg.run.seed)
@@ -234,7 +241,7 @@ def _warm_up(variants: dict[str, Any], steps: int) -> None:
 
 
 def _one_step_rounds(variants: dict[str, Any], rounds: int) -> Samples:
-    return side_by_side({name: (lambda var=var: var.segment(1)) for name, var in variants.items()}, rounds)
+    return side_by_side({name: partial(var.segment, 1) for name, var in variants.items()}, rounds)
 
 
 def _payback_rows(ctx: BenchContext, prefix: str, run_name: str, samples: Samples, online: str, latents: str) -> list[Row]:

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from t2i_dist.config import S3Section
 from t2i_dist.models.base import ModelPlugin
+from t2i_dist.storage import filesystem
 
 if TYPE_CHECKING:  # sampling reads checkpoints without DeepSpeed
     from t2i_dist.engine.engines import TrainedNetwork
@@ -143,6 +145,32 @@ def verify_checkpoint(directory: Path, check_hashes: bool = True) -> dict[str, A
     return state
 
 
+def verify_remote_checkpoint(url: str, s3: S3Section | None = None) -> dict[str, Any]:
+    """verify_checkpoint for a checkpoint in remote storage (s3://...): every rank's manifest present and every
+    listed file there at its size; checksums are checked where the files are read (restore on the workers)."""
+    fs, root = filesystem(url, s3 or S3Section())
+    root = root.rstrip("/")
+    try:
+        with fs.open(f"{root}/trainer_state.json", "rb") as fh:
+            state = json.loads(fh.read())
+    except FileNotFoundError:
+        raise CheckpointError(f"{url} is not a complete checkpoint: trainer_state.json is missing") from None
+    for rank in range(state["world_size"]):
+        try:
+            with fs.open(f"{root}/manifest/rank{rank}.json", "rb") as fh:
+                listed = json.loads(fh.read())["files"]
+        except FileNotFoundError:
+            raise CheckpointError(f"{url}: manifest of rank {rank} is missing (interrupted save?)") from None
+        for rel, meta in listed.items():
+            try:
+                size = fs.info(f"{root}/{rel}")["size"]
+            except FileNotFoundError:
+                size = None
+            if size != meta["size"]:
+                raise CheckpointError(f"{url}: {rel} is missing or truncated")
+    return state
+
+
 def restore_checkpoint(
     directory: Path, engines: dict[str, TrainedNetwork], plugin: ModelPlugin, *, rank: int, world_size: int,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -181,9 +209,6 @@ def remove_local_dir(directory: Path) -> None:
 def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, inference state) from a checkpoint directory, local or remote (s3://); only the two files
     sampling needs are read, not the optimizer shards."""
-    from t2i_dist.config import S3Section
-    from t2i_dist.storage import filesystem
-
     fs, root = filesystem(checkpoint, S3Section())
     root = root.rstrip("/")
     config_path, weights_path = f"{root}/config.json", f"{root}/inference.pt"

@@ -89,7 +89,7 @@ def _labelled(items: list[Item], resolution: int | None) -> tuple[torch.Tensor, 
         )
     vocab = {a: sorted({cast(str, _value(it.attrs, a)) for it in usable}) for a in ATTRIBUTES}  # judgeable: all set
     images = torch.stack([img for _, img in read_images(usable, resolution)])
-    labels = {a: torch.tensor([vocab[a].index(_value(it.attrs, a)) for it in usable]) for a in ATTRIBUTES}
+    labels = {a: torch.tensor([vocab[a].index(cast(str, _value(it.attrs, a))) for it in usable]) for a in ATTRIBUTES}
     return images, vocab, labels
 
 

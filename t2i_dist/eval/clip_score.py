@@ -4,6 +4,8 @@ torchmetrics' scale of 100). Only meaningful with trained CLIP weights, so it ru
 
 from __future__ import annotations
 
+from typing import cast
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         # open_clip.CLIP or CustomTextCLIP: the same visual/encode_* API (open_clip ships no type hints)
-        self.model: open_clip.CLIP = load_clip(cfg).to(self.device)
+        self.model = cast(open_clip.CLIP, load_clip(cfg).to(self.device))
         self.tokenizer = tokenizer_for(cfg)
         pre = self.model.visual.preprocess_cfg
         self.size = tuple(pre["size"]) if isinstance(pre["size"], (tuple, list)) else (pre["size"],) * 2

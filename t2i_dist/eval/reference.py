@@ -80,7 +80,7 @@ def save_reference(cache_dir: str, key: str, part: Partial) -> str:
     path = cache_path(cache_dir, key)
     fs, fs_path = filesystem(path, S3Section())
     buffer = io.BytesIO()
-    np.savez(buffer, **part.to_arrays())
+    np.savez(buffer, **part.to_arrays())  # type: ignore[arg-type]  # numpy stubs: **kwds could hit allow_pickle
     parent = fs_path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = fs_path + ".tmp"

@@ -187,6 +187,7 @@ class FamilySpec:
     plugin: str  # "module:Class": imported only where networks are built (the driver validates without it)
     sample_options: tuple[str, ...] = ()  # keyword options ModelPlugin.sample accepts
     load_options: tuple[str, ...] = ()  # keyword options ModelPlugin.load_inference_state accepts
+    trains_on_latents: bool = False  # can train from shards `python -m t2i_dist.precompute` writes
     description: str = ""
 
     def plugin_class(self) -> type[ModelPlugin]:

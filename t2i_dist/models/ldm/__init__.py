@@ -9,5 +9,6 @@ SPEC = FamilySpec(
     plugin="t2i_dist.models.ldm.plugin:LDMPlugin",
     sample_options=("sampler", "steps", "guidance"),
     load_options=("use_ema",),
+    trains_on_latents=True,
     description="latent diffusion (diffusers UNet on frozen-VAE latents, frozen open_clip text encoder)",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models import AutoencoderKL  # not `diffusers`: type checkers would see its dummy class
 
 from t2i_dist.models.vae.config import VAEConfig
 
@@ -30,11 +30,11 @@ def load_vae(cfg: VAEConfig) -> AutoencoderKL:
 
 
 def vae_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
 
 
 def scaling_factor(vae: AutoencoderKL, cfg: VAEConfig) -> float:
-    return cfg.scaling_factor if cfg.scaling_factor is not None else float(vae.config.scaling_factor)
+    return cfg.scaling_factor if cfg.scaling_factor is not None else float(vae.config["scaling_factor"])
 
 
 @torch.no_grad()
