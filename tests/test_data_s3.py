@@ -169,3 +169,35 @@ def test_outage_inside_an_object_resumes_at_its_byte_offset(s3, tmp_path):
     offsets = [int(m) for msg in watch.messages for m in re.findall(r"failed at byte (\d+)", msg)]
     assert offsets and all(len(head) <= o < len(blob) for o in offsets), offsets  # mid-object, not from 0
     assert head + tail == blob
+
+
+def test_retries_exhausted_fail_the_read_with_the_url(s3, tmp_path):
+    """A server that stays away: the configured number of retries, then the error reaches the caller."""
+    from t2i_dist.config import S3Section
+    from t2i_dist.storage import READ_BLOCK_BYTES, TRANSIENT_ERRORS, open_url
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    (folder / "object.bin").write_bytes(b"x" * (2 * READ_BLOCK_BYTES))
+    url = s3.upload_dir(folder, "gone") + "/object.bin"
+    watch = _RetryWatch()
+    s3_log = logging.getLogger("t2i_dist.storage")
+    s3_log.addHandler(watch)
+    level = s3_log.level
+    s3_log.setLevel(logging.WARNING)
+    try:
+        with open_url(url, s3=S3Section(retries=2)) as reader:
+            reader.read(1024)
+            s3.stop()
+            started = time.monotonic()
+            with pytest.raises(TRANSIENT_ERRORS):
+                reader.read()
+            elapsed = time.monotonic() - started
+    finally:
+        s3_log.removeHandler(watch)
+        s3_log.setLevel(level)
+        s3.start()
+    retries = [m for m in watch.messages if "; retry " in m]
+    assert [m.split("; retry ")[1].split(" ")[0] for m in retries] == ["1/2", "2/2"], watch.messages
+    assert all(url in m for m in retries)
+    assert elapsed < 30  # backoff 0.25 s then 0.5 s, plus the failing requests themselves
