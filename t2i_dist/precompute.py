@@ -235,14 +235,20 @@ def build_manifest(cfg: Config, source: list[str], out: Path, latent: LatentKind
     }
 
 
+def check_trains_on_latents(cfg: Config) -> None:
+    """Before any output directory is named or any shard read: only a family that trains on latents."""
+    if not family(cfg.model.family).trains_on_latents:
+        raise ConfigError(f"config {cfg.run.name!r} is a {cfg.model.family} config, which trains on images: "
+                          "precompute encodes latents for a latent diffusion config (e.g. ldm-tiny)")
+
+
 def precompute(cfg: Config, out: Path, images: str | list[str] | None = None, workers: int = 2,
                batch_size: int = 32, latent: LatentKind = "mean", threads: int = 1,
                address: str | None = None) -> dict[str, Any]:
     """Encode the image shards of `images` (default: the config's data.urls) into `out`; returns the manifest."""
     from t2i_dist.data.sources import preflight
 
-    if cfg.model.family != "ldm":
-        raise ConfigError(f"precompute encodes for the ldm family; config {cfg.run.name!r} is {cfg.model.family}")
+    check_trains_on_latents(cfg)
     shards = preflight(source_section(cfg, images))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -294,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if not family(cfg.model.family).trains_on_latents:
-            raise ConfigError(f"--config {args.config} is a {cfg.model.family} config, which trains on images: "
-                              "precompute encodes latents for a latent diffusion config (e.g. ldm-tiny)")
+        check_trains_on_latents(cfg)
         out = output_dir(cfg, args.out)
         images = args.images[0] if args.images and len(args.images) == 1 else args.images
         manifest = precompute(cfg, out, images, args.workers, args.batch_size, args.latent, args.threads)
