@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -37,9 +38,11 @@ def prompt_seeds(prompts: list[str], per_prompt: int, base_seed: int = 0) -> tup
     return flat_prompts, seeds
 
 
-def png_bytes_of_grid(images: torch.Tensor, nrow: int) -> bytes:
-    import io
-
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    to_pil_grid(images, nrow).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_bytes_of_grid(images: torch.Tensor, nrow: int) -> bytes:
+    return png_bytes(to_pil_grid(images, nrow))

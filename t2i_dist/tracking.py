@@ -4,7 +4,6 @@ JSONL fallback whose path is reported."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -104,12 +103,6 @@ class Tracker:
     def log_image(self, png_bytes: bytes, artifact_file: str) -> None:
         self._queue.put(_Item("image", (png_bytes, artifact_file)))
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._queue.put(_Item("text", (text, artifact_file)))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._queue.put(_Item("tags", tags))
-
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything queued so far is sent; at once False while MLflow is known to be down (the
         records stay queued for the retries and, at the end, the fallback file)."""
@@ -191,7 +184,7 @@ class Tracker:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     def _send(self, client: Any, item: _Item) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric
 
         if item.kind == "metrics":
             metrics, step, ts = item.payload
@@ -202,11 +195,6 @@ class Tracker:
                 local = Path(tmp, Path(artifact_file).name)
                 local.write_bytes(data)
                 client.log_artifact(self.run_id, str(local), str(Path(artifact_file).parent))
-        elif item.kind == "text":
-            text, artifact_file = item.payload
-            client.log_text(self.run_id, text, artifact_file)
-        elif item.kind == "tags":
-            client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in item.payload.items()])
 
 
 def _to_json(item: _Item) -> dict[str, Any]:
@@ -222,8 +210,3 @@ def _safe(uri: str) -> str:
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
 
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

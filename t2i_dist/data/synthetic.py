@@ -8,7 +8,6 @@ Sample `index` under `seed` always renders the same pixels, in any process.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from t2i_dist.data.writing import write_shards
+from t2i_dist.images import png_bytes
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -134,12 +134,6 @@ def render_sample(index: int, size: int, seed: int = 0) -> tuple[Image.Image, di
         _draw_shape(draw, obj["shape"], ((fx + dx) * big, (fy + dy) * big), SIZES[obj["size"]] * big,
                     COLOURS[obj["colour"]])
     return image.resize((size, size), Image.Resampling.LANCZOS), attrs
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def synthetic_samples(num_samples: int, image_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:
