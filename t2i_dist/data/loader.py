@@ -7,13 +7,20 @@ loader rotates reader ids so that its first batch comes from reader (batches del
 therefore exact (the same batches, in the same order) for any W, as long as the shards, seed, world size,
 rank and loader_workers are unchanged. If they changed, the loader restarts every reader at the beginning
 of the earliest saved epoch (a warning says so): each sample is still seen once per epoch from there on.
+
+The loader draws nothing from the process's global torch RNG, which the checkpoint saves and restores for the
+training's own draws (noise, timesteps): a DataLoader would otherwise draw its workers' base seed from it at
+every `iter()`, and a resumed run, which starts its iterator after restoring that RNG, would draw different
+random numbers from the first step after the resume on.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +38,18 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
+# DataLoader iterators whose worker processes may still run (see _stop_live_workers)
+_LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    """Stop the readers of iterators still alive at interpreter exit (e.g. held by a traceback). Readers
+    ignore SIGTERM, so multiprocessing's own exit handler, which terminates and then joins them, would wait
+    forever; registered after it (this module imports torch.utils.data first), so it runs before it."""
+    for outputs in list(_LIVE_ITERATORS):
+        outputs._shutdown_workers()
+
 
 def _unchanged(item: Any) -> Any:
     return item
@@ -39,10 +58,12 @@ def _unchanged(item: Any) -> Any:
 class _Readers(IterableDataset):
     """Runs reader (DataLoader worker id + rotation) % W in each DataLoader worker process."""
 
-    def __init__(self, spec: StreamSpec, positions: list[Position], counters: list[SkipCounter], rotation: int):
+    def __init__(self, spec: StreamSpec, positions: list[Position], counters: list[SkipCounter],
+                 signatures: list[str | None], rotation: int):
         self.spec = spec
         self.positions = positions
         self.counters = counters
+        self.signatures = signatures
         self.rotation = rotation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -53,7 +74,9 @@ class _Readers(IterableDataset):
         num_workers = info.num_workers if info else 1
         reader = ((info.id if info else 0) + self.rotation) % num_workers
         torch.set_num_threads(1)  # decoding is per-sample work; threads would only compete with training
-        for out in reader_batches(self.spec, reader, num_workers, self.positions[reader], self.counters[reader]):
+        outputs = reader_batches(self.spec, reader, num_workers, self.positions[reader], self.counters[reader],
+                                 self.signatures[reader])
+        for out in outputs:
             yield {**out, "reader": reader}
 
 
@@ -92,23 +115,34 @@ class ShardLoader:
         readers = max(1, self.num_workers)
         self._positions = [Position() for _ in range(readers)]
         self._counters = [SkipCounter() for _ in range(readers)]
+        self._signatures: list[str | None] = [None] * readers
         self._batches = 0
+        # the DataLoader's own generator (workers' base seed), so that iterating never draws from the global
+        # torch RNG; readers draw from their own seeded RNGs, this only fixes the workers' default seeds
+        digest = hashlib.sha1(f"{seed}/loader/{rank}".encode()).digest()
+        self._loader_seed = int.from_bytes(digest[:7], "big")
 
     # -- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
+        outputs: Iterator[dict[str, Any]]
         if self.num_workers == 0:
-            outputs = reader_batches(self.spec, 0, 1, self._positions[0], self._counters[0])
-            outputs = ({**out, "reader": 0} for out in outputs)
+            batches = reader_batches(self.spec, 0, 1, self._positions[0], self._counters[0], self._signatures[0])
+            outputs = ({**out, "reader": 0} for out in batches)
         else:
-            dataset = _Readers(self.spec, self._positions, self._counters, self._batches % self.num_workers)
+            dataset = _Readers(self.spec, self._positions, self._counters, self._signatures,
+                               self._batches % self.num_workers)
+            # in_order: the k-th batch is worker k's, which the rotation above relies on
             outputs = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      collate_fn=_unchanged, prefetch_factor=2,
-                                      pin_memory=self.pin_memory))
+                                      collate_fn=_unchanged, prefetch_factor=2, in_order=True,
+                                      pin_memory=self.pin_memory,
+                                      generator=torch.Generator().manual_seed(self._loader_seed)))
+            _LIVE_ITERATORS.add(outputs)
         try:
             for out in outputs:
                 reader = out["reader"]
                 self._positions[reader] = Position(**out["position"])
                 self._counters[reader] = SkipCounter.from_dict(out["counter"])
+                self._signatures[reader] = out["signature"]
                 self._batches += 1
                 yield Batch(captions=out["captions"], images=out["images"], latents=out["latents"],
                             text=out["text"])
@@ -151,6 +185,7 @@ class ShardLoader:
             "batches": self._batches,
             "positions": [vars(p).copy() for p in self._positions],
             "counters": [c.to_dict() for c in self._counters],
+            "signatures": list(self._signatures),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,11 +197,14 @@ class ShardLoader:
         if not changed:
             self._positions = [Position(**p) for p in state["positions"]]
             self._counters = counters
+            # absent in states saved before it was kept: the first sample after the resume sets it
+            self._signatures = list(state.get("signatures") or [None] * len(self._positions))
             return
         epoch = min(p["epoch"] for p in state["positions"])
         log.warning("data loader settings changed since the saved state (%s); restarting at the beginning of "
                     "epoch %d", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()), epoch)
         self._positions = [Position(epoch, 0) for _ in self._positions]
         self._counters = [SkipCounter() for _ in self._counters]
+        self._signatures = [None] * len(self._positions)
         for counter in counters:
             self._counters[0] = self._counters[0].merged(counter)

@@ -203,13 +203,15 @@ def _check_skips(counter: SkipCounter, spec: StreamSpec, worker: int) -> None:
 
 
 def reader_batches(
-    spec: StreamSpec, worker: int, num_workers: int, start: Position, counter: SkipCounter
+    spec: StreamSpec, worker: int, num_workers: int, start: Position, counter: SkipCounter,
+    signature: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite batches of one reader, from `start`. Each is the collated batch plus `position` (where the
-    next batch starts) and `counter` (cumulative skip counts), both as plain dicts."""
+    next batch starts) and `counter` (cumulative skip counts), both as plain dicts, and `signature` (the
+    shapes every sample must have: the reader's first usable sample's, carried across a resume so that the
+    same samples are skipped as `shape_mismatch`; a string, to survive the JSON checkpoint)."""
     register_gopen(spec.s3)  # per process: DataLoader workers start without it
     pending = []
-    signature = None
     for epoch in count(start.epoch):
         first = start.index if epoch == start.epoch else 0
         items_in_epoch = usable_in_epoch = 0
@@ -222,8 +224,9 @@ def reader_batches(
                 if ERROR_KEY in item:
                     raise SkipSample(item[ERROR_KEY])
                 decoded = decode_sample(item, spec.fmt, spec.resolution, spec.max_pixels)
-                signature = signature or shape_signature(decoded)
-                if shape_signature(decoded) != signature:
+                shapes = repr(shape_signature(decoded))
+                signature = signature or shapes
+                if shapes != signature:
                     raise SkipSample("shape_mismatch")
             except SkipSample as skip:
                 counter.skipped[skip.reason] += 1
@@ -233,7 +236,8 @@ def reader_batches(
             usable_in_epoch += 1
             pending.append(decoded)
             if len(pending) == spec.batch_size:
-                yield {**collate(pending), "position": asdict(Position(epoch, index)), "counter": counter.to_dict()}
+                yield {**collate(pending), "position": asdict(Position(epoch, index)), "counter": counter.to_dict(),
+                       "signature": signature}
                 pending = []
         if items_in_epoch == 0 or (items_in_epoch > first and usable_in_epoch == 0):
             raise DataError(
