@@ -23,4 +23,9 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(self.captions, move(self.images), move(self.latents), {k: v.to(device, non_blocking=True) for k, v in self.text.items()})
+        return Batch(
+            self.captions,
+            move(self.images),
+            move(self.latents),
+            {k: v.to(device, non_blocking=True) for k, v in self.text.items()},
+        )

@@ -37,6 +37,7 @@ def storage_uri(cfg: Config) -> str:
 
 def with_absolute_local_paths(cfg: Config) -> Config:
     """Workers run in other directories: relative local data paths are made absolute on the driver."""
+
     def absolute(url: str) -> str:
         return url if "://" in url or os.path.isabs(url) else os.path.abspath(url)
 
@@ -60,7 +61,8 @@ def check_storage(cfg: Config) -> None:
         except Exception as exc:  # noqa: BLE001 - turned into one clear message
             raise SystemExit(
                 f"cluster.storage_path={uri}: bucket {bucket!r} is not reachable ({type(exc).__name__}: {exc}); "
-                "create it or fix AWS_ENDPOINT_URL / credentials") from None
+                "create it or fix AWS_ENDPOINT_URL / credentials"
+            ) from None
     elif "://" not in uri:
         try:
             Path(uri).mkdir(parents=True, exist_ok=True)
@@ -126,8 +128,14 @@ def start_tracking(cfg: Config, run_dir: str) -> dict[str, Any]:
     params["global_batch_size"] = cfg.global_batch_size
     tags = {"t2i_dist.family": cfg.model.family, "t2i_dist.run_name": cfg.run.name}
     try:
-        info["mlflow_run_id"] = create_run(uri, cfg.tracking.experiment, cfg.run.name, params, tags,
-                                           yaml.safe_dump(loggable_config(cfg), sort_keys=False))
+        info["mlflow_run_id"] = create_run(
+            uri,
+            cfg.tracking.experiment,
+            cfg.run.name,
+            params,
+            tags,
+            yaml.safe_dump(loggable_config(cfg), sort_keys=False),
+        )
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
         print(f"[t2i_dist] WARNING: could not create an MLflow run ({type(exc).__name__}); training untracked")
         return info
@@ -197,8 +205,11 @@ def build_trainer(cfg: Config, run_info: dict[str, Any]):
     request = f"{storage_uri(cfg).rstrip('/')}/{cfg.run.name}/{PREEMPTION_REQUEST_FILE}"
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": without_url_credentials(cfg.to_dict()), "secret_env": forwarded_secrets(),
-                           "run_info": {**run_info, "preemption_request": request}},
+        train_loop_config={
+            "config": without_url_credentials(cfg.to_dict()),
+            "secret_env": forwarded_secrets(),
+            "run_info": {**run_info, "preemption_request": request},
+        },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         # ray.train exports Train v2's RunConfig at runtime; type checkers see the v1 one (no worker_runtime_env)
@@ -249,8 +260,10 @@ class PreemptibleTrainer:
             raise SystemExit(128 + signum)  # asked again (or the grace period ran out): stop now
         self.preempted = True
         grace = self.cfg.run.preemption_grace_s
-        print(f"[t2i_dist] SIGTERM: asking the workers to checkpoint and stop (run.preemption_grace_s={grace:g})",
-              flush=True)
+        print(
+            f"[t2i_dist] SIGTERM: asking the workers to checkpoint and stop (run.preemption_grace_s={grace:g})",
+            flush=True,
+        )
         fs, path = self._request_fs()
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as fh:
@@ -260,8 +273,11 @@ class PreemptibleTrainer:
         self._grace_timer.start()
 
     def _grace_over(self) -> None:
-        print(f"[t2i_dist] the workers did not stop within run.preemption_grace_s={self.cfg.run.preemption_grace_s:g}"
-              "; stopping the driver (the last periodic checkpoint is kept)", flush=True)
+        print(
+            f"[t2i_dist] the workers did not stop within run.preemption_grace_s={self.cfg.run.preemption_grace_s:g}"
+            "; stopping the driver (the last periodic checkpoint is kept)",
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     def fit(self) -> Any:
@@ -281,8 +297,10 @@ class PreemptibleTrainer:
         step = (result.metrics or {}).get("step")
         if step is not None and step < self.cfg.run.max_steps:
             # the workers stopped early without an error: a SIGTERM reached them or this driver
-            print(f"[t2i_dist] preempted at step {step} of {self.cfg.run.max_steps}: relaunch the same command "
-                  "to resume from its checkpoint")
+            print(
+                f"[t2i_dist] preempted at step {step} of {self.cfg.run.max_steps}: relaunch the same command "
+                "to resume from its checkpoint"
+            )
         return result
 
     def _report_unsent_records(self, since: float) -> None:

@@ -61,6 +61,7 @@ LatentKind = Literal["mean", "sample"]
 
 # ---------------------------------------------------------------------------------------------- encoding
 
+
 @dataclass(frozen=True)
 class EncodeJob:
     """One task's share: (output index, input URL) pairs. Plain data: it travels to Ray workers."""
@@ -88,8 +89,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _encode(plugin: Any, images: torch.Tensor, captions: list[str], latent: LatentKind,
-            generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    plugin: Any, images: torch.Tensor, captions: list[str], latent: LatentKind, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         posterior = plugin.vae.encode(images).latent_dist
         z = posterior.mean if latent == "mean" else posterior.sample(generator)
@@ -145,12 +147,22 @@ def encode_shards(job: EncodeJob) -> dict[str, Any]:
             for keys, captions, images in image_batches(url, cfg.data.resolution, job.batch_size, skipped):
                 z, hidden = _encode(plugin, images, captions, job.latent, generator)
                 for key, caption, zi, hi in zip(keys, captions, z, hidden, strict=True):
-                    sink.write({"__key__": key, "latent.npy": npy_bytes(zi), "text.npy": npy_bytes(hi),
-                                "txt": caption.encode()})
+                    sink.write(
+                        {
+                            "__key__": key,
+                            "latent.npy": npy_bytes(zi),
+                            "text.npy": npy_bytes(hi),
+                            "txt": caption.encode(),
+                        }
+                    )
                 written += len(keys)
         os.replace(partial, final)
-    return {"samples": written, "skipped": dict(skipped), "seconds": time.perf_counter() - start,
-            "record": encoder_record(plugin)}
+    return {
+        "samples": written,
+        "skipped": dict(skipped),
+        "seconds": time.perf_counter() - start,
+        "record": encoder_record(plugin),
+    }
 
 
 def run_jobs(jobs: list[EncodeJob], workers: int, address: str | None) -> list[dict[str, Any]]:
@@ -179,10 +191,13 @@ def run_jobs(jobs: list[EncodeJob], workers: int, address: str | None) -> list[d
 
 # ---------------------------------------------------------------------------------------------- driver
 
+
 def source_section(cfg: Config, images: str | list[str] | None) -> DataSection:
     if images is None and cfg.data.format != "images":
-        raise ConfigError(f"config {cfg.run.name!r} reads latent shards (data.format=latents): give the image "
-                          "shards to encode with --images")
+        raise ConfigError(
+            f"config {cfg.run.name!r} reads latent shards (data.format=latents): give the image "
+            "shards to encode with --images"
+        )
     update: dict[str, Any] = {"format": "images"}
     if images is not None:
         # an explicit source must exist: synthesising into it would surprise
@@ -194,12 +209,15 @@ def output_dir(cfg: Config, out: str | None) -> Path:
     if out is None:
         urls = cfg.data.urls
         if cfg.data.format != "latents" or not isinstance(urls, str) or "://" in urls or any(c in urls for c in "*?[{"):
-            raise ConfigError("give --out DIR (only a latents config whose data.urls is one local directory "
-                              "names its own output)")
+            raise ConfigError(
+                "give --out DIR (only a latents config whose data.urls is one local directory names its own output)"
+            )
         out = urls
     if "://" in out and not out.startswith("file://"):
-        raise ConfigError(f"--out {out}: write latent shards to a local (or shared) directory, then upload it; "
-                          "a remote rename would not be atomic")
+        raise ConfigError(
+            f"--out {out}: write latent shards to a local (or shared) directory, then upload it; "
+            "a remote rename would not be atomic"
+        )
     path = Path(out.removeprefix("file://"))
     from t2i_dist.data.writing import existing_shards
 
@@ -210,12 +228,15 @@ def output_dir(cfg: Config, out: str | None) -> Path:
     return path
 
 
-def build_manifest(cfg: Config, source: list[str], out: Path, latent: LatentKind,
-                   results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def build_manifest(
+    cfg: Config, source: list[str], out: Path, latent: LatentKind, results: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
     records = {json.dumps(r["record"], sort_keys=True) for r in results}
     if len(records) != 1:
-        raise RuntimeError(f"encoding tasks built different frozen encoders ({sorted(records)}); random weights "
-                           "must come from the same seed and library versions on every machine")
+        raise RuntimeError(
+            f"encoding tasks built different frozen encoders ({sorted(records)}); random weights "
+            "must come from the same seed and library versions on every machine"
+        )
     skipped: Counter = Counter()
     for r in results:
         skipped.update(r["skipped"])
@@ -238,13 +259,22 @@ def build_manifest(cfg: Config, source: list[str], out: Path, latent: LatentKind
 def check_trains_on_latents(cfg: Config) -> None:
     """Before any output directory is named or any shard read: only a family that trains on latents."""
     if not family(cfg.model.family).trains_on_latents:
-        raise ConfigError(f"config {cfg.run.name!r} is a {cfg.model.family} config, which trains on images: "
-                          "precompute encodes latents for a latent diffusion config (e.g. ldm-tiny)")
+        raise ConfigError(
+            f"config {cfg.run.name!r} is a {cfg.model.family} config, which trains on images: "
+            "precompute encodes latents for a latent diffusion config (e.g. ldm-tiny)"
+        )
 
 
-def precompute(cfg: Config, out: Path, images: str | list[str] | None = None, workers: int = 2,
-               batch_size: int = 32, latent: LatentKind = "mean", threads: int = 1,
-               address: str | None = None) -> dict[str, Any]:
+def precompute(
+    cfg: Config,
+    out: Path,
+    images: str | list[str] | None = None,
+    workers: int = 2,
+    batch_size: int = 32,
+    latent: LatentKind = "mean",
+    threads: int = 1,
+    address: str | None = None,
+) -> dict[str, Any]:
     """Encode the image shards of `images` (default: the config's data.urls) into `out`; returns the manifest."""
     from t2i_dist.data.sources import preflight
 
@@ -258,13 +288,18 @@ def precompute(cfg: Config, out: Path, images: str | list[str] | None = None, wo
         pairs = list(enumerate(shards))
         parts = max(1, min(workers, len(pairs)))
         config = cfg.to_dict()
-        jobs = [EncodeJob(config, chunk, str(tmp), batch_size, latent, threads)
-                for chunk in split_contiguous(pairs, parts) if chunk]
+        jobs = [
+            EncodeJob(config, chunk, str(tmp), batch_size, latent, threads)
+            for chunk in split_contiguous(pairs, parts)
+            if chunk
+        ]
         results = run_jobs(jobs, workers, address or cfg.cluster.address)
         seconds = time.perf_counter() - start
         if not sum(r["samples"] for r in results):
-            raise DataError(f"no usable image in {len(shards)} shard(s) (skipped: "
-                            f"{[r['skipped'] for r in results]}); check --images")
+            raise DataError(
+                f"no usable image in {len(shards)} shard(s) (skipped: "
+                f"{[r['skipped'] for r in results]}); check --images"
+            )
         manifest = build_manifest(cfg, shards, out.resolve(), latent, results, seconds)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.is_dir():
@@ -276,19 +311,29 @@ def precompute(cfg: Config, out: Path, images: str | list[str] | None = None, wo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m t2i_dist.precompute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i_dist.precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="ldm-tiny", help="ldm config whose VAE/text encoder encode the images")
-    parser.add_argument("--images", action="append", default=None,
-                        help="image shards to encode (path, directory, brace pattern, s3://); repeatable; "
-                             "default: the config's data.urls")
-    parser.add_argument("--out", default=None, help="new local directory for the latent shards (default: "
-                                                    "data.urls of a latents config)")
+    parser.add_argument(
+        "--images",
+        action="append",
+        default=None,
+        help="image shards to encode (path, directory, brace pattern, s3://); repeatable; "
+        "default: the config's data.urls",
+    )
+    parser.add_argument(
+        "--out", default=None, help="new local directory for the latent shards (default: data.urls of a latents config)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="Ray tasks (0: encode in this process)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per task")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--latent", choices=["mean", "sample"], default="mean",
-                        help="store the posterior mean (default) or one posterior sample, times the scaling factor")
+    parser.add_argument(
+        "--latent",
+        choices=["mean", "sample"],
+        default="mean",
+        help="store the posterior mean (default) or one posterior sample, times the scaling factor",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.resolution=64")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.threads < 1 or args.batch_size < 1:
@@ -308,11 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rate = manifest["samples"] / max(manifest["seconds"], 1e-9)
-    print(f"[t2i_dist] encoded {manifest['samples']} samples from {len(manifest['source'])} shard(s) into {out} "
-          f"in {manifest['seconds']:.1f}s ({rate:.1f} samples/s; skipped {manifest['skipped'] or 'none'}); "
-          f"latent {manifest['latent']} {manifest['latent_shape']}, text {manifest['text_shape']}, {STORED_DTYPE}")
-    print(f"[t2i_dist] train with: python -m t2i_dist.train --config {args.config} data.format=latents "
-          f"data.urls={out} data.synthesize.enabled=false")
+    print(
+        f"[t2i_dist] encoded {manifest['samples']} samples from {len(manifest['source'])} shard(s) into {out} "
+        f"in {manifest['seconds']:.1f}s ({rate:.1f} samples/s; skipped {manifest['skipped'] or 'none'}); "
+        f"latent {manifest['latent']} {manifest['latent_shape']}, text {manifest['text_shape']}, {STORED_DTYPE}"
+    )
+    print(
+        f"[t2i_dist] train with: python -m t2i_dist.train --config {args.config} data.format=latents "
+        f"data.urls={out} data.synthesize.enabled=false"
+    )
     return 0
 
 

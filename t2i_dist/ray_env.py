@@ -16,6 +16,8 @@ FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "T2I_", "HF_", "S3_")
 # runtime-env agent writes to its log in full
 SECRET_NAME_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
 URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
 def connect_ray(cfg: Config) -> None:
     import ray
 
@@ -28,8 +30,12 @@ def connect_ray(cfg: Config) -> None:
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
     # the dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
     # (without it, it warns every second and cannot clean up after a dead controller); loopback only
-    ray.init(num_cpus=max(int(needed), os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=max(int(needed), os.cpu_count() or 1),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
     # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
     # would otherwise make that lookup ambiguous
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -61,5 +67,4 @@ class SecretEnv:
 
 
 def forwarded_secrets() -> SecretEnv:
-    return SecretEnv({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)
-                      and _is_secret(k, v)})
+    return SecretEnv({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and _is_secret(k, v)})

@@ -19,8 +19,9 @@ from t2i_dist.images import prompt_seeds, save_png, to_pil_grid
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m t2i_dist.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i_dist.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint_* directory (local or s3://)")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--sampler", choices=["ddim", "dpm", "ddpm"], default=None)
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prompts, seeds = prompt_seeds(args.prompt, args.num_per_prompt, args.seed)
-    options = sample_options(plugin.cfg.model.family,
-                             {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance})
+    options = sample_options(
+        plugin.cfg.model.family, {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
+    )
     start = time.perf_counter()
     images = plugin.sample(prompts, seeds, **options)
     seconds = (time.perf_counter() - start) / len(prompts)

@@ -69,8 +69,11 @@ def storage_options(url: str, s3: S3Section) -> dict[str, Any]:
     options: dict[str, Any] = {
         "anon": s3.anon,
         # botocore retries little: this module's own backoff (data.s3.retries) covers longer outages
-        "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 10,
-                          "read_timeout": 60},
+        "config_kwargs": {
+            "retries": {"max_attempts": 2, "mode": "standard"},
+            "connect_timeout": 10,
+            "read_timeout": 60,
+        },
     }
     endpoint = s3_endpoint(s3)
     if endpoint:
@@ -133,8 +136,16 @@ class RetryingReader(io.RawIOBase):
                     raise
                 endpoint_failed = endpoint_failed or not definite
                 delay = retry_delay(attempt)
-                log.warning("reading %s failed at byte %d (%s: %s); retry %d/%d in %.2fs", self.url,
-                            self._offset, type(exc).__name__, exc, attempt + 1, self._retries, delay)
+                log.warning(
+                    "reading %s failed at byte %d (%s: %s); retry %d/%d in %.2fs",
+                    self.url,
+                    self._offset,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    self._retries,
+                    delay,
+                )
                 self._drop_file()
                 time.sleep(delay)
         raise AssertionError("unreachable")

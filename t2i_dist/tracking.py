@@ -40,7 +40,7 @@ def local_store_uri(workdir: str | os.PathLike = ".") -> str:
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of a local sqlite store live beside the database, not in the current directory."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
     return None
 
 
@@ -50,15 +50,17 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-               config_yaml: str) -> str:
+def create_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str
+) -> str:
     """Driver side: create the run, log parameters and the resolved config; returns the run id."""
     from mlflow.entities import Param, RunTag
 
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=_artifact_location(uri))
+    exp_id = (
+        exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    )
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -174,8 +176,11 @@ class Tracker:
                     self._warned = False
             except Exception as exc:  # noqa: BLE001 - any tracking failure must stay non-fatal
                 if not self._warned:
-                    log.warning("MLflow unreachable (%s); buffering %d records and retrying",
-                                type(exc).__name__, len(self._pending))
+                    log.warning(
+                        "MLflow unreachable (%s); buffering %d records and retrying",
+                        type(exc).__name__,
+                        len(self._pending),
+                    )
                     self._warned = True
                 if any(i.kind == "terminate" for i in self._pending):
                     return  # closing while MLflow is down: close() writes the rest to the fallback file
@@ -209,4 +214,3 @@ def _safe(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
-

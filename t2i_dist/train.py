@@ -18,7 +18,8 @@ from t2i_dist.models.registry import load_config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m t2i_dist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m t2i_dist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="ldm-tiny", help=f"shipped name ({', '.join(shipped_configs())}) or path")
     parser.add_argument("--resume", default=None, help="start from this checkpoint directory (local or s3://)")
     parser.add_argument("--dry-run", action="store_true", help="validate, print parameter counts and exit")
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     launch.check_storage(cfg)
     cfg = launch.with_absolute_local_paths(cfg)
-    print(f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
-          f"workers, global batch {cfg.global_batch_size}, {cfg.run.max_steps} steps")
+    print(
+        f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
+        f"workers, global batch {cfg.global_batch_size}, {cfg.run.max_steps} steps"
+    )
     resume = None
     if args.resume:
         # checked before an MLflow run is made: a refused start leaves nothing behind
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
-        print(f"error: training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else root!r}",
-              file=sys.stderr)
+        print(
+            f"error: training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else root!r}",
+            file=sys.stderr,
+        )
         print(f"[t2i_dist] the last good checkpoint (if any) is under {run_dir}", file=sys.stderr)
         return 1
     elapsed = time.time() - start
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if uri.startswith(("file:", "sqlite:")):
             print(f"[t2i_dist] open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     if checkpoint:
-        print(f"[t2i_dist] sample with: python -m t2i_dist.sample --checkpoint {checkpoint} --prompt \"a red circle\"")
+        print(f'[t2i_dist] sample with: python -m t2i_dist.sample --checkpoint {checkpoint} --prompt "a red circle"')
     return 0
 
 

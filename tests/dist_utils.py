@@ -19,8 +19,15 @@ AFTER_FAILURE_S = 30.0
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     import torch
     import torch.distributed as dist
 
@@ -64,12 +71,16 @@ def run_distributed(fn: Callable[..., Any], world: int = 2, args: tuple = (), de
         out = dict(results)
     errors = [f"rank {r}:\n{v[1]}" for r, v in sorted(out.items()) if v[0] == "error"]
     if hung:
-        errors.append(f"rank(s) {', '.join(map(str, hung))} hung: still running at the deadline ({deadline_s:.0f} s "
-                      f"for the run, {AFTER_FAILURE_S:.0f} s once another rank had failed), killed")
+        errors.append(
+            f"rank(s) {', '.join(map(str, hung))} hung: still running at the deadline ({deadline_s:.0f} s "
+            f"for the run, {AFTER_FAILURE_S:.0f} s once another rank had failed), killed"
+        )
     dead = [r for r, p in enumerate(procs) if r not in out and r not in hung]
     if dead:
-        errors.append(f"rank(s) {', '.join(map(str, dead))} died without a result "
-                      f"(exit codes {[procs[r].exitcode for r in dead]})")
+        errors.append(
+            f"rank(s) {', '.join(map(str, dead))} died without a result "
+            f"(exit codes {[procs[r].exitcode for r in dead]})"
+        )
     if errors:
         raise AssertionError("distributed run failed:\n" + "\n".join(errors))
     return [out[r][1] for r in range(world)]

@@ -57,8 +57,9 @@ def last_step_printed(path: Path) -> int:
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of a metric in the order it was logged (a restart shows as a step going back)."""
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
-                                              key=lambda m: (m.timestamp, m.step))]
+    return [
+        (m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
+    ]
 
 
 def single_run(client, experiment: str):
@@ -81,8 +82,11 @@ def logged_steps(client, experiment: str, key: str = "loss") -> list[int]:
 def mlflow_texts(client, run_id: str) -> dict[str, str]:
     """Everything MLflow holds for a run as text: params, tags, metric names and every artifact's bytes."""
     run = client.get_run(run_id)
-    texts = {"params": json.dumps(run.data.params), "tags": json.dumps(run.data.tags),
-             "metrics": json.dumps(sorted(run.data.metrics))}
+    texts = {
+        "params": json.dumps(run.data.params),
+        "tags": json.dumps(run.data.tags),
+        "metrics": json.dumps(sorted(run.data.metrics)),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(client.download_artifacts(run_id, "", tmp))
         for path in root.rglob("*"):

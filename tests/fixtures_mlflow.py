@@ -51,8 +51,9 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout_s: float = 
             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
         ]  # fmt: skip
 
-    process, port = start_server(command, _healthy, root / "server.log", port=port, timeout_s=timeout_s, env=env,
-                                 name="mlflow server")
+    process, port = start_server(
+        command, _healthy, root / "server.log", port=port, timeout_s=timeout_s, env=env, name="mlflow server"
+    )
     return MlflowServer(f"http://127.0.0.1:{port}", process, root, port)
 
 

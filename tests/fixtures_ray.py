@@ -13,8 +13,12 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: two training workers plus the Train controller fit at once
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
     # Ray Train's helper processes and CLI subprocesses must find this cluster even when other Ray
     # instances run on the machine
     previous = os.environ.get("RAY_ADDRESS")

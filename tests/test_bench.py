@@ -18,6 +18,7 @@ def test_side_by_side_alternates_and_compares_within_rounds():
         def measure() -> float:
             calls.append(name)
             return next(rates[name])
+
         return measure
 
     samples = side_by_side({"a": candidate("a"), "b": candidate("b")}, rounds=3)

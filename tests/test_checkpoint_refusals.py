@@ -18,8 +18,10 @@ def _partial_checkpoint(directory, world_size: int = 2):
     (directory / "config.json").write_text("{}")
     torch.save({}, directory / "inference.pt")
     (directory / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": world_size}))
-    files = {name: {"size": (directory / name).stat().st_size, "sha256": "0"}
-             for name in ("config.json", "inference.pt", "trainer_state.json")}
+    files = {
+        name: {"size": (directory / name).stat().st_size, "sha256": "0"}
+        for name in ("config.json", "inference.pt", "trainer_state.json")
+    }
     (directory / "manifest" / "rank0.json").write_text(json.dumps({"files": files}))
     return directory
 
@@ -37,8 +39,13 @@ def test_sample_refuses_an_incomplete_checkpoint(tmp_path, capsys):
 def test_resume_refuses_incomplete_local_and_s3_checkpoints(s3_env, tmp_path, workdir, capsys):
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, 16, 16, 32, seed=0)
-    common = ["--config", "ldm-tiny", f"data.urls={shards}", "data.synthesize.enabled=false",
-              f"cluster.storage_path={tmp_path / 'runs'}"]
+    common = [
+        "--config",
+        "ldm-tiny",
+        f"data.urls={shards}",
+        "data.synthesize.enabled=false",
+        f"cluster.storage_path={tmp_path / 'runs'}",
+    ]
     local = _partial_checkpoint(tmp_path / "checkpoint_000004")
     assert train_main([*common, "--resume", str(local)]) == 2
     assert "manifest of rank 1 is missing" in capsys.readouterr().err

@@ -67,7 +67,10 @@ def test_unknown_config_name_lists_shipped():
 def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", "deepspeed.zero_stgae=3"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown key 'deepspeed.zero_stgae'" in proc.stderr
@@ -77,9 +80,19 @@ def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
 
 def test_cli_refuses_unreachable_shards(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", "data.urls=/nonexistent/shards",
-         "data.synthesize.enabled=false"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "t2i_dist.train",
+            "--config",
+            "ldm-tiny",
+            "data.urls=/nonexistent/shards",
+            "data.synthesize.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "/nonexistent/shards" in proc.stderr
@@ -87,7 +100,12 @@ def test_cli_refuses_unreachable_shards(tmp_path):
 
 
 def test_dry_run_prints_parameter_counts(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "t2i_dist.train", "--config", "study-ldm-128", "--dry-run"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "t2i_dist.train", "--config", "study-ldm-128", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "params/trainable" in proc.stdout and "params/total" in proc.stdout

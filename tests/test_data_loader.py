@@ -181,9 +181,13 @@ def test_latent_shards_fill_latents_and_text(tmp_path):
 
     rng = np.random.default_rng(0)
     samples = [
-        {"__key__": f"{i:04d}", "latent.npy": npy(rng.normal(size=(4, 8, 8)).astype(np.float16)),
-         "text.npy": npy(rng.normal(size=(7, 16)).astype(np.float32)),
-         "pooled.npy": npy(rng.normal(size=(16,)).astype(np.float32)), "txt": f"latent {i}"}
+        {
+            "__key__": f"{i:04d}",
+            "latent.npy": npy(rng.normal(size=(4, 8, 8)).astype(np.float16)),
+            "text.npy": npy(rng.normal(size=(7, 16)).astype(np.float32)),
+            "pooled.npy": npy(rng.normal(size=(16,)).astype(np.float32)),
+            "txt": f"latent {i}",
+        }
         for i in range(6)
     ]
     samples.append({**samples[0], "__key__": "odd", "latent.npy": npy(np.zeros((4, 4, 4), np.float32))})
@@ -199,6 +203,7 @@ def test_latent_shards_fill_latents_and_text(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ preflight
 
+
 def test_preflight_names_missing_paths_and_empty_directories(tmp_path):
     with pytest.raises(DataError, match=f"data.urls '{tmp_path / 'nowhere'}' does not exist.*synthesize"):
         preflight(data_cfg(tmp_path / "nowhere"))
@@ -213,8 +218,10 @@ def test_preflight_names_missing_paths_and_empty_directories(tmp_path):
 
 def test_preflight_synthesizes_once_when_enabled(tmp_path):
     target = tmp_path / "synthetic"
-    cfg = DataSection(urls=str(target / "shard-{000000..000002}.tar"),
-                      synthesize={"enabled": True, "num_samples": 12, "samples_per_shard": 4, "image_size": 16})
+    cfg = DataSection(
+        urls=str(target / "shard-{000000..000002}.tar"),
+        synthesize={"enabled": True, "num_samples": 12, "samples_per_shard": 4, "image_size": 16},
+    )
     shards = preflight(cfg)
     assert [Path(s).name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     stamp = Path(shards[0]).stat().st_mtime_ns

@@ -54,8 +54,9 @@ def test_folder_with_csv_and_jsonl_tables_and_resize(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "a.jpg", "caption": "green"}\n')
 
     out = tmp_path / "csv"
-    make_shards.main(["folder", str(images), "--captions", str(tmp_path / "captions.csv"), "--out", str(out),
-                      "--resize", "50"])
+    make_shards.main(
+        ["folder", str(images), "--captions", str(tmp_path / "captions.csv"), "--out", str(out), "--resize", "50"]
+    )
     by_caption = {s["txt"].decode(): s for s in samples_in(out)}
     assert set(by_caption) == {"a green, wide field", "a blue tall box"}
     with Image.open(io.BytesIO(by_caption["a green, wide field"]["jpg"])) as img:

@@ -66,7 +66,9 @@ def test_preflight_names_a_missing_bucket_or_prefix(s3):
 
 
 def test_preflight_names_missing_shards_of_a_pattern(bucket_url):
-    with pytest.raises(DataError, match="2 shard\\(s\\) do not exist, e.g. 's3://training/synthetic/v1/shard-000004.tar'"):
+    with pytest.raises(
+        DataError, match="2 shard\\(s\\) do not exist, e.g. 's3://training/synthetic/v1/shard-000004.tar'"
+    ):
         preflight(cfg(bucket_url + "/shard-{000000..000005}.tar"))
 
 
@@ -77,7 +79,9 @@ def test_preflight_rejects_wrong_credentials(s3, bucket_url, monkeypatch):
         assert len(preflight(cfg(bucket_url))) == 4
         s3fs.S3FileSystem.clear_instance_cache()
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-        with pytest.raises(DataError, match="refused access to 's3://training/synthetic/v1'.*AWS_SECRET_ACCESS_KEY") as info:
+        with pytest.raises(
+            DataError, match="refused access to 's3://training/synthetic/v1'.*AWS_SECRET_ACCESS_KEY"
+        ) as info:
             preflight(cfg(bucket_url))
     assert "not-the-secret" not in str(info.value) and secret not in str(info.value)
 

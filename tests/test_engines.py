@@ -63,10 +63,15 @@ def _bf16(rank: int, world: int):
     results = {}
     for precision in ("bf16", "fp32"):
         plugin, engines, losses = _build(rank, world, ["deepspeed.zero_stage=2", f"deepspeed.precision={precision}"])
-        moved = max(float((a.float() - b.to(a.dtype).float()).abs().max())  # init rounded as the engine holds it
-                    for a, b in zip(plugin.unet.parameters(), _initial_unet().parameters(), strict=True))
-        results[precision] = {"dtype": str(next(engines["unet"].module.parameters()).dtype), "losses": losses,
-                              "moved": moved}
+        moved = max(
+            float((a.float() - b.to(a.dtype).float()).abs().max())  # init rounded as the engine holds it
+            for a, b in zip(plugin.unet.parameters(), _initial_unet().parameters(), strict=True)
+        )
+        results[precision] = {
+            "dtype": str(next(engines["unet"].module.parameters()).dtype),
+            "losses": losses,
+            "moved": moved,
+        }
     return results
 
 
@@ -101,8 +106,9 @@ def _save_and_restore(rank: int, world: int, directory: str):
     weights_before = [p.detach().clone() for p in plugin.unet.parameters()]
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)  # a shared directory stands in for Ray's merged checkpoint here
-    write_checkpoint(d, engines, plugin, rank=rank, world_size=world, step=3, data_state={"rank": rank},
-                     config={}, run_info={})
+    write_checkpoint(
+        d, engines, plugin, rank=rank, world_size=world, step=3, data_state={"rank": rank}, config={}, run_info={}
+    )
     torch.distributed.barrier()
     verify_checkpoint(d)
 
@@ -112,8 +118,9 @@ def _save_and_restore(rank: int, world: int, directory: str):
         "step": state["step"],
         "data_state": data_state,
         "ema_equal": all(torch.equal(a, b) for a, b in zip(ema_before, fresh.ema.shadow_params, strict=True)),
-        "weights_equal": all(torch.equal(a, b.detach()) for a, b in
-                             zip(weights_before, fresh.unet.parameters(), strict=True)),
+        "weights_equal": all(
+            torch.equal(a, b.detach()) for a, b in zip(weights_before, fresh.unet.parameters(), strict=True)
+        ),
         "global_steps": fresh_engines["unet"].engine.global_steps,
         "generator_equal": torch.equal(generator_before, fresh.generator.get_state()),
     }
@@ -154,9 +161,12 @@ def _compiled_and_eager(rank: int, world: int):
     common = ["cluster.num_workers=1", "deepspeed.zero_stage=2", "deepspeed.gradient_checkpointing=false"]
     eager, _, eager_losses = _build(rank, world, common)
     compiled, _, compiled_losses = _build(rank, world, [*common, "deepspeed.compile=true"])
-    return {"eager": eager_losses, "compiled": compiled_losses,
-            "eager_keys": sorted(eager.inference_state()["unet"]),
-            "compiled_keys": sorted(compiled.inference_state()["unet"])}
+    return {
+        "eager": eager_losses,
+        "compiled": compiled_losses,
+        "eager_keys": sorted(eager.inference_state()["unet"]),
+        "compiled_keys": sorted(compiled.inference_state()["unet"]),
+    }
 
 
 def test_compiled_unet_trains_like_the_eager_one_and_saves_the_same_names():

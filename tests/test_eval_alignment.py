@@ -55,8 +55,12 @@ def test_real_images_show_what_their_captions_ask_for(classifier):
 def test_images_for_other_captions_score_lower(classifier):
     items = list_items(classifier["heldout"])
     # each image paired with the next sample's caption and attributes: alignment must drop
-    shifted = [dataclasses.replace(items[i], caption=items[(i + 1) % len(items)].caption,
-                                   attrs=items[(i + 1) % len(items)].attrs) for i in range(len(items))]
+    shifted = [
+        dataclasses.replace(
+            items[i], caption=items[(i + 1) % len(items)].caption, attrs=items[(i + 1) % len(items)].attrs
+        )
+        for i in range(len(items))
+    ]
     _, right = _score(classifier["path"], items)
     _, wrong = _score(classifier["path"], shifted)
     assert wrong.rates()["colour"] < right.rates()["colour"] - 0.3
@@ -69,8 +73,10 @@ def test_only_named_attributes_are_judged():
 
 
 def test_counts_merge_and_round_trip():
-    a = AlignmentCounts({"colour": 2, "shape": 1, "size": 0, "position": 1, "all": 2},
-                        {"colour": 1, "shape": 1, "size": 0, "position": 0, "all": 0})
+    a = AlignmentCounts(
+        {"colour": 2, "shape": 1, "size": 0, "position": 1, "all": 2},
+        {"colour": 1, "shape": 1, "size": 0, "position": 0, "all": 0},
+    )
     b = AlignmentCounts.from_array(a.to_array())
     assert b == a
     assert (a + b).rates()["colour"] == pytest.approx(0.5)
@@ -80,7 +86,9 @@ def test_counts_merge_and_round_trip():
 def test_saved_classifier_round_trips_and_bad_files_are_explained(classifier, tmp_path):
     net = load_classifier(classifier["path"])
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    np.testing.assert_array_equal(net(x)[0].detach().numpy(), load_classifier(classifier["path"])(x)[0].detach().numpy())
+    np.testing.assert_array_equal(
+        net(x)[0].detach().numpy(), load_classifier(classifier["path"])(x)[0].detach().numpy()
+    )
     with pytest.raises(FileNotFoundError, match="python -m t2i_dist.eval.alignment"):
         load_classifier(tmp_path / "missing.pt")
     blob = torch.load(classifier["path"], weights_only=True)

@@ -75,12 +75,16 @@ def _independent_metrics(real_dir, fake_dir, head_path, clip_path, splits: int) 
     # eigenvalues of C_r C_f equal those of (X_f X_r^T X_r X_f^T) / ((nr-1)(nf-1)), an nf x nf matrix
     small = xf @ xr.T @ xr @ xf.T / ((nr - 1) * (nf - 1))
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvals(small).real, 0, None)).sum()
-    fid = ((real.mean(0) - fake.mean(0)) ** 2).sum() + (xr**2).sum() / (nr - 1) + (xf**2).sum() / (nf - 1) - 2 * trace_sqrt
+    fid = (
+        ((real.mean(0) - fake.mean(0)) ** 2).sum()
+        + (xr**2).sum() / (nr - 1)
+        + (xf**2).sum() / (nf - 1)
+        - 2 * trace_sqrt
+    )
     d = real.shape[1]
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
     kxx, kyy, kxy = k(fake, fake), k(real, real), k(fake, real)
-    kid = ((kxx.sum() - np.trace(kxx)) / (nf * (nf - 1)) + (kyy.sum() - np.trace(kyy)) / (nr * (nr - 1))
-           - 2 * kxy.mean())
+    kid = (kxx.sum() - np.trace(kxx)) / (nf * (nf - 1)) + (kyy.sum() - np.trace(kyy)) / (nr * (nr - 1)) - 2 * kxy.mean()
     head = torch.load(head_path)["fc.weight"].double().numpy()
     logits = fake @ head.T
     probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -94,8 +98,12 @@ def _independent_metrics(real_dir, fake_dir, head_path, clip_path, splits: int) 
     items = list_items(str(fake_dir), need_captions=True)
     pixels = torch.stack([img for _, img in read_images(items, 32)]).float() / 255
     pre = model.visual.preprocess_cfg
-    pixels = torch.nn.functional.interpolate(pixels, size=(pre["size"],) * 2 if isinstance(pre["size"], int)
-                                             else tuple(pre["size"]), mode="bicubic", antialias=True).clamp(0, 1)
+    pixels = torch.nn.functional.interpolate(
+        pixels,
+        size=(pre["size"],) * 2 if isinstance(pre["size"], int) else tuple(pre["size"]),
+        mode="bicubic",
+        antialias=True,
+    ).clamp(0, 1)
     pixels = (pixels - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
     import open_clip
 
@@ -114,9 +122,26 @@ def test_s3_shards_with_every_metric(s3_env, tmp_path, capsys):
     torch.save({"fc.weight": torch.randn(1008, 2048) * 0.02}, head)
     clip = tmp_path / "tiny-clip.pt"
     torch.save(load_clip(ClipConfig()).state_dict(), clip)
-    argv = ["--real", real, "--fake", fake, "--workers", "0", "--batch-size", "10",
-            "--inception-head", str(head), "--clip-model", "t2i-tiny-clip", "--clip-weights", str(clip),
-            "--reference-cache", "s3://eval-data/refs", "--protocol", "synthetic-tiny"]
+    argv = [
+        "--real",
+        real,
+        "--fake",
+        fake,
+        "--workers",
+        "0",
+        "--batch-size",
+        "10",
+        "--inception-head",
+        str(head),
+        "--clip-model",
+        "t2i-tiny-clip",
+        "--clip-weights",
+        str(clip),
+        "--reference-cache",
+        "s3://eval-data/refs",
+        "--protocol",
+        "synthetic-tiny",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_real"] == result["num_fake"] == 20

@@ -69,7 +69,7 @@ def test_sources_list_shards_and_folders_in_order(image_sets):
     assert len(list_items(image_sets["real"], 5)) == 5
     fake = list_items(image_sets["fake"])
     assert [it.key for it in fake] == [f"{i:04d}.png" for i in range(N)]
-    (_, image), = read_images(real[3:4], RES)
+    ((_, image),) = read_images(real[3:4], RES)
     expected, _ = render_sample(3, RES, seed=0)
     assert torch.equal(image, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
 
@@ -113,9 +113,22 @@ def test_fid_agrees_with_torchmetrics_on_the_same_features(partials, image_sets)
 
 
 def test_folder_mode_cli_prints_one_json_line(ray_cluster, image_sets, capsys):
-    code = evaluate_main(["--real", image_sets["real"], "--fake", image_sets["fake"], "--workers", "2",
-                          "--resolution", str(RES), "--batch-size", "8",
-                          "--reference-cache", str(image_sets["root"] / "cache")])
+    code = evaluate_main(
+        [
+            "--real",
+            image_sets["real"],
+            "--fake",
+            image_sets["fake"],
+            "--workers",
+            "2",
+            "--resolution",
+            str(RES),
+            "--batch-size",
+            "8",
+            "--reference-cache",
+            str(image_sets["root"] / "cache"),
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(out) == 1
     result = json.loads(out[0])
@@ -129,8 +142,20 @@ def test_folder_mode_cli_prints_one_json_line(ray_cluster, image_sets, capsys):
     assert len(cached) == 1 and f"{RES}px-n{N}" in cached[0].name
     written = cached[0].stat().st_mtime_ns
     # a second run reads the cached real statistics (the file is not rewritten) and gives the same number
-    evaluate_main(["--real", image_sets["real"], "--fake", image_sets["fake"], "--workers", "1",
-                   "--resolution", str(RES), "--reference-cache", str(image_sets["root"] / "cache")])
+    evaluate_main(
+        [
+            "--real",
+            image_sets["real"],
+            "--fake",
+            image_sets["fake"],
+            "--workers",
+            "1",
+            "--resolution",
+            str(RES),
+            "--reference-cache",
+            str(image_sets["root"] / "cache"),
+        ]
+    )
     again = json.loads(capsys.readouterr().out.strip())
     assert again["reference_cache"] == result["reference_cache"]
     assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
@@ -138,13 +163,37 @@ def test_folder_mode_cli_prints_one_json_line(ray_cluster, image_sets, capsys):
     # the cache is what is used: with the fake set's statistics put under the real set's key, the fake set
     # is compared with itself
     other = image_sets["root"] / "cache-of-fake"
-    evaluate_main(["--real", image_sets["fake"], "--fake", image_sets["fake"], "--workers", "0",
-                   "--resolution", str(RES), "--reference-cache", str(other)])
+    evaluate_main(
+        [
+            "--real",
+            image_sets["fake"],
+            "--fake",
+            image_sets["fake"],
+            "--workers",
+            "0",
+            "--resolution",
+            str(RES),
+            "--reference-cache",
+            str(other),
+        ]
+    )
     capsys.readouterr()
     [fake_stats] = other.glob("*.npz")
     cached[0].write_bytes(fake_stats.read_bytes())
-    evaluate_main(["--real", image_sets["real"], "--fake", image_sets["fake"], "--workers", "0",
-                   "--resolution", str(RES), "--reference-cache", str(image_sets["root"] / "cache")])
+    evaluate_main(
+        [
+            "--real",
+            image_sets["real"],
+            "--fake",
+            image_sets["fake"],
+            "--workers",
+            "0",
+            "--resolution",
+            str(RES),
+            "--reference-cache",
+            str(image_sets["root"] / "cache"),
+        ]
+    )
     tampered = json.loads(capsys.readouterr().out.strip())
     assert tampered["fid"] < 1e-3 * result["fid"], (tampered["fid"], result["fid"])
 
@@ -167,7 +216,9 @@ def test_bad_inputs_fail_with_clear_errors(image_sets, tmp_path, capsys):
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(b"x")
     assert "sha1" in _error_of(["--real", real, "--fake", fake, "--inception", str(bad)], capsys)
-    assert "eval.inception_path" in _error_of(["--real", real, "--fake", fake, "--inception", str(tmp_path / "no.pt")], capsys)
+    assert "eval.inception_path" in _error_of(
+        ["--real", real, "--fake", fake, "--inception", str(tmp_path / "no.pt")], capsys
+    )
     assert "at least 2" in _error_of(["--real", real, "--fake", fake, "--num-samples", "1", "--workers", "0"], capsys)
     # caption shards without captions cannot drive generation
     with pytest.raises(SourceError, match="no caption"):

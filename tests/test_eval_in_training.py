@@ -44,8 +44,16 @@ def _eval_rank(rank: int, world: int, shards: str, cache: str) -> dict:
     from t2i_dist.eval.in_training import InTrainingEval
     from t2i_dist.models.registry import build_plugin, load_config
 
-    cfg = load_config("ldm-tiny", [f"data.urls={shards}", "eval.every=5", "eval.num_samples=6",
-                                   f"eval.reference_cache={cache}", "model.sampling.steps=2"])
+    cfg = load_config(
+        "ldm-tiny",
+        [
+            f"data.urls={shards}",
+            "eval.every=5",
+            "eval.num_samples=6",
+            f"eval.reference_cache={cache}",
+            "model.sampling.steps=2",
+        ],
+    )
     torch.manual_seed(0)  # the same random weights in every process
     plugin = build_plugin(cfg, torch.device("cpu"))
     evaluator = InTrainingEval(cfg, rank, world, torch.device("cpu"), batch_size=2)

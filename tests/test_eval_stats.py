@@ -36,8 +36,9 @@ def sets() -> tuple[np.ndarray, np.ndarray]:
 def test_merged_statistics_equal_statistics_of_the_union(sets):
     x, _ = sets
     whole = FeatureStats(32).add(x)
-    merged = FeatureStats.merge([FeatureStats(32).add(x[:100]), FeatureStats(32).add(x[100:170]),
-                                 FeatureStats(32).add(x[170:])])
+    merged = FeatureStats.merge(
+        [FeatureStats(32).add(x[:100]), FeatureStats(32).add(x[100:170]), FeatureStats(32).add(x[170:])]
+    )
     assert merged.count == 300
     np.testing.assert_allclose(merged.mean(), x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(merged.covariance(), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-13)
@@ -119,7 +120,9 @@ def test_inception_score_from_merged_split_sums_matches_the_reference_loop():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     idx = np.arange(105)
     whole = ClassifierStats(10, 7).add(probs, idx, 105)
-    parts = ClassifierStats(10, 7).add(probs[:37], idx[:37], 105) + ClassifierStats(10, 7).add(probs[37:], idx[37:], 105)
+    parts = ClassifierStats(10, 7).add(probs[:37], idx[:37], 105) + ClassifierStats(10, 7).add(
+        probs[37:], idx[37:], 105
+    )
     expected = _reference_inception_score(probs, 10)
     assert inception_score(whole) == pytest.approx(expected, rel=1e-10)
     assert inception_score(parts) == pytest.approx(expected, rel=1e-10)

@@ -59,10 +59,21 @@ SECRETS = {  # marker values no run may write anywhere
 }
 # the same model, data order and seed in every run, so their first steps can be compared
 COMMON = [
-    "cluster.num_workers=2", "deepspeed.micro_batch_size=8", "data.loader_workers=0", "data.resolution=32",
-    "data.synthesize.enabled=false", "data.shuffle_buffer=8", "data.max_skip_fraction=0.2",
-    "tracking.samples_per_prompt=1", "model.sampling.steps=2", "optim.warmup_steps=0", "optim.lr=0.002",
-    "run.sample_every=0", "run.log_every=1", "run.seed=3", "run.deterministic=true",
+    "cluster.num_workers=2",
+    "deepspeed.micro_batch_size=8",
+    "data.loader_workers=0",
+    "data.resolution=32",
+    "data.synthesize.enabled=false",
+    "data.shuffle_buffer=8",
+    "data.max_skip_fraction=0.2",
+    "tracking.samples_per_prompt=1",
+    "model.sampling.steps=2",
+    "optim.warmup_steps=0",
+    "optim.lr=0.002",
+    "run.sample_every=0",
+    "run.log_every=1",
+    "run.seed=3",
+    "run.deterministic=true",
 ]
 SAME_FIRST_STEPS = 3
 DRIVER_TIMEOUT_S = 900
@@ -84,6 +95,7 @@ def faulty_shards(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ crash run
+
 
 @dataclass
 class CrashRun:
@@ -114,9 +126,16 @@ def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_fac
     url = s3_server.upload_dir(faulty_shards[0], bucket, "shards")
     experiment = f"faults-{UID}-crash"
     overrides = [
-        *COMMON, f"data.urls={url}/", "data.s3.retries=12", f"tracking.uri={mlflow_server.uri}",
-        f"tracking.experiment={experiment}", "run.name=crash", "run.max_steps=12", "run.checkpoint_every=4",
-        "run.keep_checkpoints=3", "run.max_failures=1",
+        *COMMON,
+        f"data.urls={url}/",
+        "data.s3.retries=12",
+        f"tracking.uri={mlflow_server.uri}",
+        f"tracking.experiment={experiment}",
+        "run.name=crash",
+        "run.max_steps=12",
+        "run.checkpoint_every=4",
+        "run.keep_checkpoints=3",
+        "run.max_failures=1",
     ]
     run_dir = workdir / "runs" / "crash"
 
@@ -135,8 +154,11 @@ def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_fac
 
     def kill_in_mid_save() -> list[Path]:
         # both ranks pause inside the save of step 8, before their manifests; rank 1 dies there
-        paused = wait_for(lambda: save_marker(markers, 8, 1) and save_marker(markers, 8, 0), DRIVER_TIMEOUT_S,
-                          "both workers inside the save of step 8")
+        paused = wait_for(
+            lambda: save_marker(markers, 8, 1) and save_marker(markers, 8, 0),
+            DRIVER_TIMEOUT_S,
+            "both workers inside the save of step 8",
+        )
         os.kill(paused["pid"], signal.SIGKILL)
         return [Path(save_marker(markers, 8, r)["directory"]) for r in (0, 1)]
 
@@ -168,7 +190,7 @@ def test_killed_worker_restarts_from_last_checkpoint_and_finishes(crash_run, mlf
     rewinds = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
     # the only step back is the restart: to just after the checkpoint of step 4, from at most step 8
     assert len(rewinds) == 1, steps
-    (before, after), = rewinds
+    ((before, after),) = rewinds
     assert after == 5 and 5 <= before <= 8, steps
     assert steps[-1] == 12 and set(steps) == set(range(1, 13))
     # the resume is exact: weights, optimizer, data position and random state come back, so the steps
@@ -225,6 +247,7 @@ def test_storage_outage_is_retried_and_the_run_continues(crash_run):
 
 # ------------------------------------------------------------------------------------------ preemption runs
 
+
 @dataclass
 class PreemptionRuns:
     workdir: Path
@@ -239,8 +262,13 @@ class PreemptionRuns:
 
 def launch(workdir: Path, log: Path, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
     with log.open("ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", *overrides],
-                                cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", *overrides],
+            cwd=workdir,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path) -> str:
@@ -262,9 +290,17 @@ def preemption_runs(ray_cluster, faulty_shards, tmp_path_factory) -> Iterator[Pr
     root, port = workdir / "mlflow", free_port()
     experiment = f"faults-{UID}-preempt"
     uri = f"http://t2i:{SECRETS['tracking password']}@127.0.0.1:{port}"
-    overrides = [*COMMON, f"data.urls={faulty_shards[0]}", f"tracking.uri={uri}",
-                 f"tracking.experiment={experiment}", "run.name=preempt", "run.max_steps=200",
-                 "run.checkpoint_every=1000", "run.max_failures=0", "run.preemption_grace_s=120"]
+    overrides = [
+        *COMMON,
+        f"data.urls={faulty_shards[0]}",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        "run.name=preempt",
+        "run.max_steps=200",
+        "run.checkpoint_every=1000",
+        "run.max_failures=0",
+        "run.preemption_grace_s=120",
+    ]
     env = {**os.environ, **{k: v for k, v in SECRETS.items() if k.isupper()}, "T2I_FAULT_MARKER_DIR": str(markers)}
     env.pop("MLFLOW_TRACKING_URI", None)
     first_log, second_log = workdir / "first.log", workdir / "second.log"
@@ -274,8 +310,11 @@ def preemption_runs(ray_cluster, faulty_shards, tmp_path_factory) -> Iterator[Pr
         # launch 1: the MLflow server dies after a few logged steps; later SIGTERM reaches one worker
         proc = launch(workdir, first_log, overrides, env)
         client = server.client()
-        before = wait_for(lambda: s if len(s := logged_steps(client, experiment)) >= SAME_FIRST_STEPS else None,
-                          DRIVER_TIMEOUT_S, "steps logged to MLflow")
+        before = wait_for(
+            lambda: s if len(s := logged_steps(client, experiment)) >= SAME_FIRST_STEPS else None,
+            DRIVER_TIMEOUT_S,
+            "steps logged to MLflow",
+        )
         stop_mlflow_server(server)
         down_at = last_step_printed(first_log)
         wait_for(lambda: last_step_printed(first_log) >= down_at + 3, DRIVER_TIMEOUT_S, "steps without MLflow")
@@ -288,8 +327,9 @@ def preemption_runs(ray_cluster, faulty_shards, tmp_path_factory) -> Iterator[Pr
         wait_for(lambda: last_step_printed(second_log) >= first_stop + 3, DRIVER_TIMEOUT_S, "resumed steps")
         proc.send_signal(signal.SIGTERM)
         second_stop = _preempted_step(finish(proc, second_log))
-        yield PreemptionRuns(workdir, experiment, server, first_log, second_log, first_stop, second_stop,
-                             sorted(set(before)))
+        yield PreemptionRuns(
+            workdir, experiment, server, first_log, second_log, first_stop, second_stop, sorted(set(before))
+        )
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -337,8 +377,9 @@ def test_metrics_survive_a_dead_mlflow_server(preemption_runs):
     # nothing silently dropped: every step of both launches is in MLflow or in the fallback file
     assert in_mlflow | in_file == set(range(1, runs.second_stop_step + 1))
     assert set(runs.steps_before_mlflow_died) <= in_mlflow
-    assert {s for s in in_mlflow if s > runs.first_stop_step} == set(range(runs.first_stop_step + 1,
-                                                                          runs.second_stop_step + 1))
+    assert {s for s in in_mlflow if s > runs.first_stop_step} == set(
+        range(runs.first_stop_step + 1, runs.second_stop_step + 1)
+    )
 
 
 def test_same_seed_gives_the_same_loss_curve(crash_run, preemption_runs, mlflow_server):
@@ -355,6 +396,7 @@ def test_same_seed_gives_the_same_loss_curve(crash_run, preemption_runs, mlflow_
 
 # ------------------------------------------------------------------------------------------------- NaN run
 
+
 @dataclass
 class NanRun:
     workdir: Path
@@ -366,9 +408,17 @@ class NanRun:
 def nan_run(ray_cluster, faulty_shards, tmp_path_factory) -> NanRun:
     workdir = tmp_path_factory.mktemp("nan")
     dead_mlflow = f"http://127.0.0.1:{free_port()}"
-    overrides = [*COMMON, f"data.urls={faulty_shards[0]}", f"tracking.uri={dead_mlflow}", "run.name=nan",
-                 "deepspeed.precision=bf16", "run.max_steps=20", "run.checkpoint_every=4",
-                 "run.max_nonfinite_steps=3", "run.max_failures=0"]
+    overrides = [
+        *COMMON,
+        f"data.urls={faulty_shards[0]}",
+        f"tracking.uri={dead_mlflow}",
+        "run.name=nan",
+        "deepspeed.precision=bf16",
+        "run.max_steps=20",
+        "run.checkpoint_every=4",
+        "run.max_nonfinite_steps=3",
+        "run.max_failures=0",
+    ]
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
@@ -417,6 +467,7 @@ def _tensors(obj):
 
 # ----------------------------------------------------------------------------------------- no Ray needed
 
+
 def test_bad_storage_fails_at_start_before_any_worker(s3_env, workdir, capsys, monkeypatch):
     base = ["--config", "ldm-tiny", *COMMON, "run.name=bad-storage"]
     assert train_main([*base, f"data.urls=s3://missing-{UID}/shards/"]) == 2
@@ -454,16 +505,29 @@ def test_local_scripts_bind_dashboards_to_loopback():
 
 def test_no_secret_in_any_artefact(crash_run, preemption_runs, mlflow_server):
     secrets = list(SECRETS.values())
-    leaks = files_containing([crash_run.workdir, preemption_runs.workdir / "runs", preemption_runs.first_log,
-                              preemption_runs.second_log, ray_logs_dir()], secrets)
+    leaks = files_containing(
+        [
+            crash_run.workdir,
+            preemption_runs.workdir / "runs",
+            preemption_runs.first_log,
+            preemption_runs.second_log,
+            ray_logs_dir(),
+        ],
+        secrets,
+    )
     leaks += [f"crash driver output: {s}" for s in secrets if s in crash_run.output]
-    for client, experiment in ((mlflow_server.client(), crash_run.experiment),
-                               (preemption_runs.tracking.client(), preemption_runs.experiment)):
+    for client, experiment in (
+        (mlflow_server.client(), crash_run.experiment),
+        (preemption_runs.tracking.client(), preemption_runs.experiment),
+    ):
         run = single_run(client, experiment)
         for where, text in mlflow_texts(client, run.info.run_id).items():
             leaks += [f"MLflow {experiment} {where}: {s}" for s in secrets if s in text]
     assert not leaks, "secrets written out:\n" + "\n".join(leaks)
     # the tracking URI was used (same run continued) without its password
-    params = preemption_runs.tracking.client().get_run(
-        single_run(preemption_runs.tracking.client(), preemption_runs.experiment).info.run_id).data.params
+    params = (
+        preemption_runs.tracking.client()
+        .get_run(single_run(preemption_runs.tracking.client(), preemption_runs.experiment).info.run_id)
+        .data.params
+    )
     assert params["tracking.uri"].startswith("http://***@127.0.0.1:")

@@ -44,13 +44,20 @@ def _ma_gp_against_plain_pytorch(rank: int, world: int) -> dict:
         plain = copy.deepcopy(net).to(dtype)
         plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, betas=(0.0, 0.9))
         ds_config = {
-            "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"},
-            "steps_per_print": 10**9, "zero_allow_untested_optimizer": True,
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": precision == "bf16"},
+            "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
         }
         engine, *_ = deepspeed.initialize(
-            model=net, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.9)), config=ds_config,
-            dist_init_required=False)
+            model=net,
+            optimizer=torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.9)),
+            config=ds_config,
+            dist_init_required=False,
+        )
         steps = []
         # fp32: two steps (per-step hook state must reset between them); bf16: one, as the engine's fp32 master
         # weights and a bf16 model's Adam step part ways after it
@@ -59,8 +66,9 @@ def _ma_gp_against_plain_pytorch(rank: int, world: int) -> dict:
             real, fake = torch.randn(2, 4, 3, 8, 4, 4, generator=gen)
             sentence = torch.randn(4, 6, generator=gen)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                terms = discriminator_loss(engine, engine.module, real.to(dtype), fake.to(dtype), sentence.to(dtype),
-                                           k=2.0, p=6.0)
+                terms = discriminator_loss(
+                    engine, engine.module, real.to(dtype), fake.to(dtype), sentence.to(dtype), k=2.0, p=6.0
+                )
             engine.backward(terms.loss)
             ds_grads = torch.cat([safe_get_full_grad(p).float().flatten() for p in engine.module.parameters()])
             engine.step()
@@ -75,17 +83,23 @@ def _ma_gp_against_plain_pytorch(rank: int, world: int) -> dict:
             ref_grads /= world
             offset = 0
             for p in plain.parameters():
-                p.grad.copy_(ref_grads[offset:offset + p.numel()].view_as(p))
+                p.grad.copy_(ref_grads[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
             plain_opt.step()
-            steps.append({
-                "loss": _rel(terms.loss.detach(), ref.loss.detach()),
-                "penalty": _rel(terms.penalty.detach(), ref.penalty.detach()),
-                "grads": _rel(ds_grads, ref_grads),
-                "params": _rel(torch.cat([p.float().flatten() for p in engine.module.parameters()]),
-                               torch.cat([p.detach().flatten() for p in plain.parameters()])),
-                "penalty_share": float(torch.cat([g.float().flatten() for g in penalty_grads]).norm() / ref_grads.norm()),
-            })
+            steps.append(
+                {
+                    "loss": _rel(terms.loss.detach(), ref.loss.detach()),
+                    "penalty": _rel(terms.penalty.detach(), ref.penalty.detach()),
+                    "grads": _rel(ds_grads, ref_grads),
+                    "params": _rel(
+                        torch.cat([p.float().flatten() for p in engine.module.parameters()]),
+                        torch.cat([p.detach().flatten() for p in plain.parameters()]),
+                    ),
+                    "penalty_share": float(
+                        torch.cat([g.float().flatten() for g in penalty_grads]).norm() / ref_grads.norm()
+                    ),
+                }
+            )
         results[f"stage{stage}-{precision}"] = steps
     return results
 
@@ -107,8 +121,17 @@ def _train_galip(rank: int, world: int, overrides: list[str]) -> dict:
     from t2i_dist.engine.precision import resolve_placement
     from t2i_dist.models.registry import load_config
 
-    cfg = load_config("galip-tiny", ["cluster.num_workers=2", "deepspeed.micro_batch_size=4", "deepspeed.precision=fp32",
-                                     "run.max_steps=3", "run.sample_every=2", *overrides])
+    cfg = load_config(
+        "galip-tiny",
+        [
+            "cluster.num_workers=2",
+            "deepspeed.micro_batch_size=4",
+            "deepspeed.precision=fp32",
+            "run.max_steps=3",
+            "run.sample_every=2",
+            *overrides,
+        ],
+    )
     plugin = build_training(cfg, resolve_placement(cfg), rank, world, with_loader=False).plugin
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
     # one batch, repeated: a change of loss or weights then comes from the updates, not from new data
@@ -128,21 +151,29 @@ def _train_galip(rank: int, world: int, overrides: list[str]) -> dict:
         plugin.after_optimizer_step(step)
         history.append({k: float(v) for k, v in metrics.items()})
     after = snapshot()
-    moved = {name: max(float((x - y).abs().max()) for x, y in zip(before[name], after[name], strict=True))
-             for name in before}
+    moved = {
+        name: max(float((x - y).abs().max()) for x, y in zip(before[name], after[name], strict=True)) for name in before
+    }
     partitioned = {name: any(hasattr(p, "ds_id") for p in e.module.parameters()) for name, e in plugin.engines.items()}
     clip_partitioned = any(hasattr(p, "ds_id") for m in plugin.frozen().values() for p in m.parameters())
     plugin.before_sampling()  # every rank, as the loop does; then rank 0 alone samples
     images = plugin.sample(["a red circle", "a red circle"], [0, 1]) if rank == 0 else None
-    return {"history": history, "moved": moved, "partitioned": partitioned, "clip_partitioned": clip_partitioned,
-            "dtype": str(next(plugin.generator_net.parameters()).dtype),
-            "sample_shape": None if images is None else tuple(images.shape)}
+    return {
+        "history": history,
+        "moved": moved,
+        "partitioned": partitioned,
+        "clip_partitioned": clip_partitioned,
+        "dtype": str(next(plugin.generator_net.parameters()).dtype),
+        "sample_shape": None if images is None else tuple(images.shape),
+    }
 
 
 def _train_layouts(rank: int, world: int) -> dict:
-    return {"zero2": _train_galip(rank, world, []),
-            "zero3_generator": _train_galip(rank, world, ["deepspeed.zero_stage=3", "model.discriminator_zero_stage=2"]),
-            "zero2_bf16": _train_galip(rank, world, ["deepspeed.precision=bf16"])}
+    return {
+        "zero2": _train_galip(rank, world, []),
+        "zero3_generator": _train_galip(rank, world, ["deepspeed.zero_stage=3", "model.discriminator_zero_stage=2"]),
+        "zero2_bf16": _train_galip(rank, world, ["deepspeed.precision=bf16"]),
+    }
 
 
 def test_galip_trains_with_two_engines_in_zero2_zero3_generator_and_bf16():

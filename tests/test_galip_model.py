@@ -11,8 +11,15 @@ from t2i_dist.models.galip.losses import hinge_fake, hinge_real, ma_gp, mismatch
 from t2i_dist.models.galip.plugin import GALIPPlugin
 from t2i_dist.models.registry import load_config
 
-TINY = ["deepspeed.micro_batch_size=4", "model.ngf=4", "model.ndf=4", "model.noise_dim=8", "model.bridge_channels=8",
-        "model.bridge_mid_channels=4", "model.bridge_blocks=1"]
+TINY = [
+    "deepspeed.micro_batch_size=4",
+    "model.ngf=4",
+    "model.ndf=4",
+    "model.noise_dim=8",
+    "model.bridge_channels=8",
+    "model.bridge_mid_channels=4",
+    "model.bridge_blocks=1",
+]
 
 
 def tiny_plugin(*overrides: str) -> GALIPPlugin:
@@ -59,7 +66,9 @@ def test_engines_hold_no_clip_weights():
     assert len(clip_ids - frozen_ids) == 1  # the frozen set is the whole CLIP but its unused logit scale
     counts = parameter_counts(plugin)
     assert counts["params/trainable"] == counts["params/discriminator"] + counts["params/generator"]
-    assert counts["params/total"] == counts["params/trainable"] + counts["params/clip_text"] + counts["params/clip_vision"]
+    assert (
+        counts["params/total"] == counts["params/trainable"] + counts["params/clip_text"] + counts["params/clip_vision"]
+    )
 
 
 def test_vision_tower_reproduces_open_clip_image_embedding():

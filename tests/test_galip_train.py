@@ -19,9 +19,17 @@ from t2i_dist.train import main as train_main
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "cluster.num_workers=2", "deepspeed.micro_batch_size=4", "data.loader_workers=0", "data.resolution=32",
-    "data.synthesize.enabled=false", "tracking.samples_per_prompt=2", "run.max_failures=0",
-    "run.name=galip-e2e", "run.log_every=2", "run.checkpoint_every=4", "run.sample_every=4",
+    "cluster.num_workers=2",
+    "deepspeed.micro_batch_size=4",
+    "data.loader_workers=0",
+    "data.resolution=32",
+    "data.synthesize.enabled=false",
+    "tracking.samples_per_prompt=2",
+    "run.max_failures=0",
+    "run.name=galip-e2e",
+    "run.log_every=2",
+    "run.checkpoint_every=4",
+    "run.sample_every=4",
 ]
 GALIP_METRICS = ("loss", "loss_d", "loss_g", "ma_gp", "d_real", "d_fake", "d_mismatch", "img_per_s", "sample/diversity")
 
@@ -36,8 +44,9 @@ def shards(tmp_path_factory) -> Path:
 def engine_steps(checkpoint: Path) -> dict[str, int]:
     """Optimizer steps each DeepSpeed engine had taken when it wrote this checkpoint."""
     return {
-        name: torch.load(checkpoint / name / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
-                         weights_only=False)["global_steps"]
+        name: torch.load(
+            checkpoint / name / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["global_steps"]
         for name in ("discriminator", "generator")
     }
 
@@ -72,8 +81,24 @@ def test_galip_trains_resumes_and_samples(ray_cluster, mlflow_server, shards, wo
 
     out = workdir / "grid.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "t2i_dist.sample", "--checkpoint", str(latest), "--prompt", "a red circle",
-         "--prompt", "a blue square", "--num-per-prompt", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "t2i_dist.sample",
+            "--checkpoint",
+            str(latest),
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--num-per-prompt",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (70, 70)  # 2 x 2 images of 32 px with 2 px padding

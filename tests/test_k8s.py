@@ -51,8 +51,11 @@ def _kustomize_command() -> list[str]:
         return ["kustomize", "build"]
     if shutil.which("kubectl"):
         return ["kubectl", "kustomize"]
-    pytest.fail(f"no kustomize renderer: neither {PINNED_KUBECTL} nor `kustomize`/`kubectl` on PATH; "
-                "run tools/ci/install_system_deps.sh (installs the pinned kubectl there)", pytrace=False)
+    pytest.fail(
+        f"no kustomize renderer: neither {PINNED_KUBECTL} nor `kustomize`/`kubectl` on PATH; "
+        "run tools/ci/install_system_deps.sh (installs the pinned kubectl there)",
+        pytrace=False,
+    )
 
 
 @cache
@@ -130,6 +133,7 @@ def quantity(value: str | int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ tests
+
 
 def test_overlays_exist():
     assert {p.name for p in OVERLAYS} >= {"cpu-smoke", "gpu-multinode"}

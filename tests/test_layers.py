@@ -19,19 +19,37 @@ MAX_MODULE_LINES = 400
 
 # (layer, unit): a module belongs to the first unit its dotted name starts with
 UNITS: list[tuple[int, str]] = [
-    (0, "t2i_dist.config"), (0, "t2i_dist.storage"), (0, "t2i_dist.batch"), (0, "t2i_dist.dist"),
-    (0, "t2i_dist.images"), (0, "t2i_dist.processes"), (0, "t2i_dist.configs"),
-    (1, "t2i_dist.models"), (1, "t2i_dist.data"), (1, "t2i_dist.tracking"), (1, "t2i_dist.testing"),
-    (2, "t2i_dist.engine"), (2, "t2i_dist.eval"),
-    (3, "t2i_dist.launch"), (3, "t2i_dist.ray_env"), (3, "t2i_dist.params"),
-    (4, "t2i_dist.train"), (4, "t2i_dist.sample"), (4, "t2i_dist.evaluate"), (4, "t2i_dist.report"),
-    (4, "t2i_dist.precompute"), (4, "t2i_dist.bench"),
+    (0, "t2i_dist.config"),
+    (0, "t2i_dist.storage"),
+    (0, "t2i_dist.batch"),
+    (0, "t2i_dist.dist"),
+    (0, "t2i_dist.images"),
+    (0, "t2i_dist.processes"),
+    (0, "t2i_dist.configs"),
+    (1, "t2i_dist.models"),
+    (1, "t2i_dist.data"),
+    (1, "t2i_dist.tracking"),
+    (1, "t2i_dist.testing"),
+    (2, "t2i_dist.engine"),
+    (2, "t2i_dist.eval"),
+    (3, "t2i_dist.launch"),
+    (3, "t2i_dist.ray_env"),
+    (3, "t2i_dist.params"),
+    (4, "t2i_dist.train"),
+    (4, "t2i_dist.sample"),
+    (4, "t2i_dist.evaluate"),
+    (4, "t2i_dist.report"),
+    (4, "t2i_dist.precompute"),
+    (4, "t2i_dist.bench"),
 ]
 # imports allowed between units of the same layer (importer, imported)
 SAME_LAYER = {
-    ("t2i_dist.storage", "t2i_dist.config"), ("t2i_dist.dist", "t2i_dist.config"),
-    ("t2i_dist.images", "t2i_dist.config"), ("t2i_dist.batch", "t2i_dist.config"),
-    ("t2i_dist.models", "t2i_dist.data"), ("t2i_dist.testing", "t2i_dist.data"),
+    ("t2i_dist.storage", "t2i_dist.config"),
+    ("t2i_dist.dist", "t2i_dist.config"),
+    ("t2i_dist.images", "t2i_dist.config"),
+    ("t2i_dist.batch", "t2i_dist.config"),
+    ("t2i_dist.models", "t2i_dist.data"),
+    ("t2i_dist.testing", "t2i_dist.data"),
     ("t2i_dist.engine", "t2i_dist.eval"),
     ("t2i_dist.launch", "t2i_dist.ray_env"),
     ("t2i_dist.bench", "t2i_dist.precompute"),
@@ -57,7 +75,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue

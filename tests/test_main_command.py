@@ -19,9 +19,17 @@ from t2i_dist.processes import stop_process_group
 pytestmark = pytest.mark.slow
 
 SHORT_DEFAULT = [
-    "run.max_steps=4", "run.log_every=2", "run.sample_every=4", "run.checkpoint_every=4", "eval.every=4",
-    "eval.num_samples=8", "data.synthesize.num_samples=64", "data.synthesize.samples_per_shard=32",
-    "deepspeed.micro_batch_size=4", "model.sampling.steps=2", "tracking.samples_per_prompt=1",
+    "run.max_steps=4",
+    "run.log_every=2",
+    "run.sample_every=4",
+    "run.checkpoint_every=4",
+    "eval.every=4",
+    "eval.num_samples=8",
+    "data.synthesize.num_samples=64",
+    "data.synthesize.samples_per_shard=32",
+    "deepspeed.micro_batch_size=4",
+    "model.sampling.steps=2",
+    "tracking.samples_per_prompt=1",
 ]
 
 
@@ -36,8 +44,9 @@ def dashboard_listeners(root: psutil.Process) -> set[tuple[str, int]]:
         try:
             if not any("dashboard.py" in part for part in proc.cmdline()):
                 continue
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
+            found |= {
+                (c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+            }
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
@@ -46,9 +55,15 @@ def dashboard_listeners(root: psutil.Process) -> set[tuple[str, int]]:
 def test_main_command_starts_its_own_ray_on_loopback_and_tracks_to_sqlite(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
     env["T2I_LOG_LEVEL"] = "WARNING"
-    proc = subprocess.Popen([sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", *SHORT_DEFAULT],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "t2i_dist.train", "--config", "ldm-tiny", *SHORT_DEFAULT],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     listeners: set[tuple[str, int]] = set()
     deadline = time.monotonic() + 600
     try:

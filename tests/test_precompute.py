@@ -46,7 +46,11 @@ def latents_config(latent_dir: Path, *extra: str):
 
 def test_fan_out_writes_the_frozen_encoders_output(latent_dir, image_shards):
     assert sorted(p.name for p in latent_dir.iterdir()) == [
-        MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        MANIFEST_NAME,
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     assert not list(latent_dir.parent.glob(".*partial*")), "the temporary directory must be gone"
     manifest = json.loads((latent_dir / MANIFEST_NAME).read_text())
     assert manifest["latent"] == "mean" and manifest["dtype"] == "float16"
@@ -125,10 +129,23 @@ def test_ldm_trains_from_latent_shards(ray_cluster, latent_dir, workdir):
     from t2i_dist.train import main as train_main
 
     Path("latents").symlink_to(latent_dir)  # a relative data.urls, as in the shipped config
-    args = ["--config", "ldm-tiny-latents", "data.urls=latents", "cluster.num_workers=2",
-            "deepspeed.micro_batch_size=4", "data.loader_workers=0", "run.max_steps=4", "run.log_every=2",
-            "run.checkpoint_every=4", "run.sample_every=0", "eval.every=0", "run.max_failures=0",
-            "model.sampling.steps=2", "tracking.samples_per_prompt=1", "run.name=from-latents"]
+    args = [
+        "--config",
+        "ldm-tiny-latents",
+        "data.urls=latents",
+        "cluster.num_workers=2",
+        "deepspeed.micro_batch_size=4",
+        "data.loader_workers=0",
+        "run.max_steps=4",
+        "run.log_every=2",
+        "run.checkpoint_every=4",
+        "run.sample_every=0",
+        "eval.every=0",
+        "run.max_failures=0",
+        "model.sampling.steps=2",
+        "tracking.samples_per_prompt=1",
+        "run.name=from-latents",
+    ]
     assert train_main(args) == 0
     assert list(Path("runs/from-latents").glob("checkpoint_*"))
 

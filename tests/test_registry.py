@@ -10,9 +10,18 @@ from t2i_dist.models import registry
 from tests import family_example
 from tests.dist_utils import run_distributed
 
-DENOISER = ["model={family: denoiser}", "data.resolution=16", "cluster.num_workers=1", "deepspeed.micro_batch_size=4",
-            "data.loader_workers=0", "data.synthesize.enabled=false", "optim.lr=0.03", "run.log_every=2",
-            "run.sample_every=0", "tracking.samples_per_prompt=1"]
+DENOISER = [
+    "model={family: denoiser}",
+    "data.resolution=16",
+    "cluster.num_workers=1",
+    "deepspeed.micro_batch_size=4",
+    "data.loader_workers=0",
+    "data.synthesize.enabled=false",
+    "optim.lr=0.03",
+    "run.log_every=2",
+    "run.sample_every=0",
+    "tracking.samples_per_prompt=1",
+]
 
 
 @pytest.fixture
@@ -64,9 +73,16 @@ def _train_resume_sample(rank: int, world: int, workdir: str, shards: str) -> di
     plugin = load_plugin(str(ctx.sink.checkpoints()[-1]), "cpu")
     images = plugin.sample(["a red circle", "a red circle"], [3, 3])
     other = plugin.sample(["a red circle"], [4])
-    return {"losses": losses, "checkpoints": first, "resumed_at": resumed_at, "final_step": resumed.step,
-            "shape": tuple(images.shape), "same_seed_same_image": bool(torch.equal(images[0], images[1])),
-            "other_seed_differs": not torch.equal(images[0], other[0]), "family": type(plugin).__name__}
+    return {
+        "losses": losses,
+        "checkpoints": first,
+        "resumed_at": resumed_at,
+        "final_step": resumed.step,
+        "shape": tuple(images.shape),
+        "same_seed_same_image": bool(torch.equal(images[0], images[1])),
+        "other_seed_differs": not torch.equal(images[0], other[0]),
+        "family": type(plugin).__name__,
+    }
 
 
 def test_a_family_from_tests_trains_checkpoints_resumes_and_samples(tmp_path):

@@ -25,18 +25,31 @@ def _log_run(client, experiment_id: str, tmp_path, family: str, name: str, img_p
     """A run shaped like what t2i_dist.train logs: flattened config params, metrics, sample grids."""
     run = client.create_run(experiment_id, run_name=name, tags={"t2i_dist.family": family})
     rid = run.info.run_id
-    params = {"model.family": family, "cluster.num_workers": "2", "deepspeed.micro_batch_size": "16",
-              "deepspeed.grad_accum_steps": "1", "global_batch_size": "32", "run.max_steps": "40",
-              "data.synthesize.enabled": "True", "data.synthesize.num_samples": "640",
-              "tracking.sample_prompts": "['a red circle', 'a small blue square on the left']"}
+    params = {
+        "model.family": family,
+        "cluster.num_workers": "2",
+        "deepspeed.micro_batch_size": "16",
+        "deepspeed.grad_accum_steps": "1",
+        "global_batch_size": "32",
+        "run.max_steps": "40",
+        "data.synthesize.enabled": "True",
+        "data.synthesize.num_samples": "640",
+        "tracking.sample_prompts": "['a red circle', 'a small blue square on the left']",
+    }
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-    metrics = [Metric("params/total", 4.2e6 if family == "ldm" else 2.1e6, 0, 0),
-               Metric("params/trainable", 1.5e6, 0, 0)]
+    metrics = [
+        Metric("params/total", 4.2e6 if family == "ldm" else 2.1e6, 0, 0),
+        Metric("params/trainable", 1.5e6, 0, 0),
+    ]
     for step in (10, 20, 30, 40):
         metrics += [Metric("loss", 1.0 / step, 0, step), Metric("img_per_s", img_per_s + step / 10, 0, step)]
     for step, value in zip((20, 40), fid, strict=True):
-        metrics += [Metric("eval/fid", value, 0, step), Metric("eval/alignment", 0.1 * step / 20, 0, step),
-                    Metric("eval/real/alignment", 0.97, 0, step), Metric("eval/num_samples", 64, 0, step)]
+        metrics += [
+            Metric("eval/fid", value, 0, step),
+            Metric("eval/alignment", 0.1 * step / 20, 0, step),
+            Metric("eval/real/alignment", 0.97, 0, step),
+            Metric("eval/num_samples", 64, 0, step),
+        ]
     metrics.append(Metric("sample/seconds_per_image", 0.25, 0, 40))
     client.log_batch(rid, metrics=metrics)
     for step, colour in ((20, "gray"), (40, "red" if family == "ldm" else "blue")):
@@ -62,8 +75,15 @@ def test_html_report_has_every_table_grid_and_curve(two_runs, mlflow_server, tmp
     out = tmp_path / "report"
     assert report_main(["--runs", ldm, galip, "--tracking-uri", mlflow_server.uri, "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    for title in ("Training", "Size and speed", "Quality", "Samples: ldm-tiny (ldm)", "Samples: galip-tiny (galip)",
-                  "Training loss", "FID during training"):
+    for title in (
+        "Training",
+        "Size and speed",
+        "Quality",
+        "Samples: ldm-tiny (ldm)",
+        "Samples: galip-tiny (galip)",
+        "Training loss",
+        "FID during training",
+    ):
         assert title in html
     # training table: 40 steps x 32 images / 640 samples = 2 epochs; median img/s of windows 2..4 = 53.0
     assert re.search(r"<td>ldm-tiny</td><td>ldm</td><td>2</td><td>32</td><td>40</td><td>2.00</td>", html)
@@ -83,8 +103,25 @@ def test_html_report_has_every_table_grid_and_curve(two_runs, mlflow_server, tmp
 def test_markdown_report_and_bad_runs(two_runs, mlflow_server, tmp_path, capsys):
     _, ldm, galip = two_runs
     out = tmp_path / "md"
-    assert report_main(["--runs", ldm, galip, "--tracking-uri", mlflow_server.uri, "--out", str(out),
-                        "--format", "md", "--no-log", "--dataset-size", "320"]) == 0
+    assert (
+        report_main(
+            [
+                "--runs",
+                ldm,
+                galip,
+                "--tracking-uri",
+                mlflow_server.uri,
+                "--out",
+                str(out),
+                "--format",
+                "md",
+                "--no-log",
+                "--dataset-size",
+                "320",
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     assert "| ldm-tiny | ldm | 2 | 32 | 40 | 4.00 |" in md  # epochs with the overridden data set size
     assert "![Training loss](curve_loss.png)" in md and (out / "curve_loss.png").is_file()
@@ -100,8 +137,15 @@ def _table_rows(html: str, title: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in rows if cells}
 
 
-TINY = ["run.max_steps=4", "run.log_every=2", "run.sample_every=4", "run.checkpoint_every=4",
-        "data.synthesize.num_samples=128", "data.synthesize.samples_per_shard=64", "deepspeed.micro_batch_size=4"]
+TINY = [
+    "run.max_steps=4",
+    "run.log_every=2",
+    "run.sample_every=4",
+    "run.checkpoint_every=4",
+    "data.synthesize.num_samples=128",
+    "data.synthesize.samples_per_shard=64",
+    "deepspeed.micro_batch_size=4",
+]
 
 
 def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, monkeypatch, capsys):
@@ -116,17 +160,51 @@ def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, mo
     run_ids = []
     for config, extra in (("ldm-tiny", ["model.sampling.steps=2"]), ("galip-tiny", [])):
         assert train_main(["--config", config, *TINY, *extra, "tracking.experiment=report-real"]) == 0
-        (run,) = client.search_runs([client.get_experiment_by_name("report-real").experiment_id],
-                                    f"tags.mlflow.runName = '{config}'")
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("report-real").experiment_id], f"tags.mlflow.runName = '{config}'"
+        )
         checkpoint = run.data.tags["t2i_dist.checkpoint"]
         steps = ["--steps", "2"] if config == "ldm-tiny" else []
-        assert evaluate_main(["--checkpoint", checkpoint, "--captions", "data/synthetic", "--num-samples", "6",
-                              "--workers", "2", *steps, "--log-run", run.info.run_id, "--step", "4"]) == 0
+        assert (
+            evaluate_main(
+                [
+                    "--checkpoint",
+                    checkpoint,
+                    "--captions",
+                    "data/synthetic",
+                    "--num-samples",
+                    "6",
+                    "--workers",
+                    "2",
+                    *steps,
+                    "--log-run",
+                    run.info.run_id,
+                    "--step",
+                    "4",
+                ]
+            )
+            == 0
+        )
         run_ids.append(run.info.run_id)
     capsys.readouterr()
     out = tmp_path / "report"
-    assert report_main(["--runs", *run_ids, "--out", str(out), "--fresh-grids",
-                        "--prompts", "a red circle", "small blue bird", "--seeds", "1"]) == 0
+    assert (
+        report_main(
+            [
+                "--runs",
+                *run_ids,
+                "--out",
+                str(out),
+                "--fresh-grids",
+                "--prompts",
+                "a red circle",
+                "small blue bird",
+                "--seeds",
+                "1",
+            ]
+        )
+        == 0
+    )
     html = (out / "report.html").read_text()
     training, size, quality = (_table_rows(html, t) for t in ("Training", "Size and speed", "Quality"))
     for name, family in (("ldm-tiny", "ldm"), ("galip-tiny", "galip")):

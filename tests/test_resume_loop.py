@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from tests.dist_utils import run_distributed
 
-OVERRIDES = ["cluster.num_workers=1", "deepspeed.micro_batch_size=4", "data.loader_workers=2",
-             "data.synthesize.enabled=false", "run.log_every=1", "run.checkpoint_every=3", "run.sample_every=0",
-             "eval.every=0", "optim.warmup_steps=0", "deepspeed.gradient_checkpointing=false"]
+OVERRIDES = [
+    "cluster.num_workers=1",
+    "deepspeed.micro_batch_size=4",
+    "data.loader_workers=2",
+    "data.synthesize.enabled=false",
+    "run.log_every=1",
+    "run.checkpoint_every=3",
+    "run.sample_every=0",
+    "eval.every=0",
+    "optim.warmup_steps=0",
+    "deepspeed.gradient_checkpointing=false",
+]
 
 
 def _losses(rank: int, world: int, shards: str, root: str, stops: list[int]) -> list[tuple[int, float]]:

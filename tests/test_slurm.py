@@ -74,7 +74,9 @@ def test_gpu_count_and_ports_from_slurm_settings():
     assert shell("t2i_gpu_count ''") == "0"
     assert shell("t2i_gpu_count 4") == "4"
     assert shell("t2i_gpu_count a100:2") == "2"
-    ports = shell("for j in 41 42; do SLURM_JOB_ID=$j; t2i_assign_ports; echo $T2I_RAY_PORT_GCS $T2I_RAY_PORT_WORKER_MAX; done")
+    ports = shell(
+        "for j in 41 42; do SLURM_JOB_ID=$j; t2i_assign_ports; echo $T2I_RAY_PORT_GCS $T2I_RAY_PORT_WORKER_MAX; done"
+    )
     first, second = (tuple(map(int, line.split())) for line in ports.splitlines())
     assert first[1] < second[0], "consecutive jobs on one node must get disjoint port ranges"
 

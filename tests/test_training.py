@@ -16,9 +16,16 @@ from t2i_dist.train import main as train_main
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "cluster.num_workers=2", "deepspeed.micro_batch_size=8", "data.loader_workers=0", "data.resolution=32",
-    "data.synthesize.enabled=false", "tracking.samples_per_prompt=1", "model.sampling.steps=4",
-    "run.max_failures=0", "optim.warmup_steps=0", "optim.lr=0.002",
+    "cluster.num_workers=2",
+    "deepspeed.micro_batch_size=8",
+    "data.loader_workers=0",
+    "data.resolution=32",
+    "data.synthesize.enabled=false",
+    "tracking.samples_per_prompt=1",
+    "model.sampling.steps=4",
+    "run.max_failures=0",
+    "optim.warmup_steps=0",
+    "optim.lr=0.002",
 ]
 
 
@@ -35,8 +42,16 @@ def metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def test_train_resume_and_sample(ray_cluster, mlflow_server, shards, workdir):
     experiment = f"e2e-{uuid.uuid4().hex[:6]}"  # the mlflow server is shared by the whole session
-    common = [*TINY, f"data.urls={shards}", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}",
-              "run.name=e2e", "run.log_every=5", "run.checkpoint_every=20", "run.sample_every=20"]
+    common = [
+        *TINY,
+        f"data.urls={shards}",
+        f"tracking.uri={mlflow_server.uri}",
+        f"tracking.experiment={experiment}",
+        "run.name=e2e",
+        "run.log_every=5",
+        "run.checkpoint_every=20",
+        "run.sample_every=20",
+    ]
     assert train_main(["--config", "ldm-tiny", *common, "run.max_steps=40"]) == 0
 
     client = mlflow_server.client()
@@ -69,8 +84,23 @@ def test_train_resume_and_sample(ray_cluster, mlflow_server, shards, workdir):
     assert [s for s, _ in metric_steps(client, forked[0].info.run_id, "loss")] == [55]
     out = workdir / "grid.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "t2i_dist.sample", "--checkpoint", str(latest), "--prompt", "a red circle",
-         "--steps", "5", "--out", str(out)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "t2i_dist.sample",
+            "--checkpoint",
+            str(latest),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (32, 32)
 
@@ -79,9 +109,17 @@ def test_zero3_streams_shards_and_checkpoints_on_s3(ray_cluster, s3_env, shards,
     """Shards streamed from a real S3 server through s3fs, checkpoints written back to it, ZeRO-3."""
     s3_env.create_bucket("t2i-runs")
     url = s3_env.upload_dir(shards, "t2i-data", "synthetic")
-    overrides = [*TINY, f"data.urls={url}/", "cluster.storage_path=s3://t2i-runs/runs", "run.name=s3z3",
-                 "deepspeed.zero_stage=3", "run.max_steps=6", "run.log_every=3", "run.checkpoint_every=6",
-                 "run.sample_every=0"]
+    overrides = [
+        *TINY,
+        f"data.urls={url}/",
+        "cluster.storage_path=s3://t2i-runs/runs",
+        "run.name=s3z3",
+        "deepspeed.zero_stage=3",
+        "run.max_steps=6",
+        "run.log_every=3",
+        "run.checkpoint_every=6",
+        "run.sample_every=0",
+    ]
     assert train_main(["--config", "ldm-tiny", *overrides]) == 0
     out = capsys.readouterr().out
     assert "last checkpoint: s3://t2i-runs/runs/s3z3/checkpoint_" in out
@@ -96,8 +134,24 @@ def test_zero3_streams_shards_and_checkpoints_on_s3(ray_cluster, s3_env, shards,
 
     grid = workdir / "s3.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "t2i_dist.sample", "--checkpoint", f"s3://t2i-runs/runs/s3z3/{ckpt[0]}",
-         "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "3", "--out", str(grid)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "t2i_dist.sample",
+            "--checkpoint",
+            f"s3://t2i-runs/runs/s3z3/{ckpt[0]}",
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--steps",
+            "3",
+            "--out",
+            str(grid),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # 2 images side by side, 2px padding

@@ -74,6 +74,7 @@ def to_samples(items: Iterator[Item], resize: int | None, problems: Counter) -> 
 
 # -------------------------------------------------------------------------------------------------- folder
 
+
 def read_caption_table(path: Path) -> dict[str, str]:
     """file -> caption from a CSV (header with file,caption) or a JSONL ({"file": ..., "caption": ...})."""
     rows: list[dict]
@@ -105,8 +106,13 @@ def folder_items(images_dir: Path, captions_file: Path | None, problems: Counter
 
 # ---------------------------------------------------------------------------------------------------- coco
 
+
 def coco_items(
-    annotations: Path, images_dir: Path, first_caption: bool, num_captions: int | None, seed: int,
+    annotations: Path,
+    images_dir: Path,
+    first_caption: bool,
+    num_captions: int | None,
+    seed: int,
     problems: Counter,
 ) -> list[Item]:
     data = json.loads(annotations.read_text())
@@ -135,6 +141,7 @@ def coco_items(
 
 # ---------------------------------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="source", required=True)
@@ -162,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.annotations.is_file() or not args.images.is_dir():
             parser.error("--annotations must be a file and --images a directory")
-        items = coco_items(args.annotations, args.images, args.first_caption, args.num_captions, args.seed,
-                           problems)
+        items = coco_items(args.annotations, args.images, args.first_caption, args.num_captions, args.seed, problems)
     written = Counter()
 
     def counted(samples: Iterator[dict]) -> Iterator[dict]:
@@ -172,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             yield sample
 
     try:
-        shards = write_shards(counted(to_samples(iter(items), args.resize, problems)), args.out, args.per_shard,
-                              args.max_shard_bytes)
+        shards = write_shards(
+            counted(to_samples(iter(items), args.resize, problems)), args.out, args.per_shard, args.max_shard_bytes
+        )
     except (FileExistsError, ValueError) as exc:
         parser.error(f"{exc}; skipped: {dict(problems)}")
     skipped = ", ".join(f"{n} {why}" for why, n in problems.items()) or "none"

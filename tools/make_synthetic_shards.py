@@ -1,6 +1,6 @@
 """Write the synthetic coloured-shapes data set as webdataset shards.
 
-    python tools/make_synthetic_shards.py --out data/synthetic --num-samples 2048 --per-shard 256 --size 64
+python tools/make_synthetic_shards.py --out data/synthetic --num-samples 2048 --per-shard 256 --size 64
 """
 
 from __future__ import annotations

@@ -263,12 +263,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
-StateSaveLocation={w / 'state'}
-SlurmdSpoolDir={w / 'spool'}/%n
-SlurmctldPidFile={w / 'slurmctld.pid'}
-SlurmdPidFile={w / 'spool'}/slurmd-%n.pid
-SlurmctldLogFile={w / 'log' / 'slurmctld.log'}
-SlurmdLogFile={w / 'log'}/slurmd-%n.log
+StateSaveLocation={w / "state"}
+SlurmdSpoolDir={w / "spool"}/%n
+SlurmctldPidFile={w / "slurmctld.pid"}
+SlurmdPidFile={w / "spool"}/slurmd-%n.pid
+SlurmctldLogFile={w / "log" / "slurmctld.log"}
+SlurmdLogFile={w / "log"}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -385,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         reason = why_unavailable(args.netns)
-        print(f"cannot start a local Slurm: {reason}" if reason else "a local Slurm can start here",
-              file=sys.stderr if reason else sys.stdout)
+        print(
+            f"cannot start a local Slurm: {reason}" if reason else "a local Slurm can start here",
+            file=sys.stderr if reason else sys.stdout,
+        )
         return 2 if reason else 0
     try:
         cluster = LocalSlurm(args.dir, args.nodes, args.cpus_per_node, args.netns).start()

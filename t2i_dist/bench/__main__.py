@@ -27,8 +27,15 @@ from pathlib import Path
 from t2i_dist.bench.report import Row, render_markdown, render_text, write_markdown
 
 BENCHMARKS = {1: "step", 2: "pipeline", 3: "scaling", 4: "memory", 5: "evaluation", 6: "sampling", 7: "projection"}
-TITLES = {1: "1 LDM step", 2: "2 data pipeline", 3: "3 scaling", 4: "4 memory", 5: "5 evaluation",
-          6: "6 sampling", 7: "7 GPU projection"}
+TITLES = {
+    1: "1 LDM step",
+    2: "2 data pipeline",
+    3: "3 scaling",
+    4: "4 memory",
+    5: "5 evaluation",
+    6: "6 sampling",
+    7: "7 GPU projection",
+}
 
 
 def default_out() -> Path:
@@ -38,8 +45,9 @@ def default_out() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m t2i_dist.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i_dist.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller sets: minutes, not tens")
     parser.add_argument("--only", default="", help="comma-separated benchmark numbers, e.g. 1,2")
     parser.add_argument("--config", default="ldm-tiny", help="LDM config of benchmarks 1-3")
@@ -88,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render_text(rows))
     out = args.out or default_out()
     mode = "quick" if args.quick else "full"
-    command = "python -m t2i_dist.bench" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only else "")
+    command = (
+        "python -m t2i_dist.bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    )
     write_markdown(out, render_markdown(rows, mode, started, ctx.notes, command))
     print(f"[bench] wrote {out}")
     return 0

@@ -32,10 +32,28 @@ class Sizes:
     @classmethod
     def of(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(rounds=3, steps=3, step_rounds=12, study_rounds=0, samples=256, per_shard=64, fits=1, fit_steps=12,
-                       eval_images=32)
-        return cls(rounds=7, steps=6, step_rounds=40, study_rounds=10, samples=1024, per_shard=128, fits=3, fit_steps=60,
-                   eval_images=64)
+            return cls(
+                rounds=3,
+                steps=3,
+                step_rounds=12,
+                study_rounds=0,
+                samples=256,
+                per_shard=64,
+                fits=1,
+                fit_steps=12,
+                eval_images=32,
+            )
+        return cls(
+            rounds=7,
+            steps=6,
+            step_rounds=40,
+            study_rounds=10,
+            samples=1024,
+            per_shard=128,
+            fits=3,
+            fit_steps=60,
+            eval_images=64,
+        )
 
 
 @dataclass
@@ -74,19 +92,40 @@ class BenchContext:
     # -- configs and data --------------------------------------------------------------------------------
     def ldm_config(self, *overrides: str) -> Config:
         """The benchmark LDM config on the benchmark's image shards, one worker."""
-        return load_config(self.config, [f"data.urls={self.image_shards()}", "data.format=images",
-                                         "data.synthesize.enabled=false", "cluster.num_workers=1", *overrides])
+        return load_config(
+            self.config,
+            [
+                f"data.urls={self.image_shards()}",
+                "data.format=images",
+                "data.synthesize.enabled=false",
+                "cluster.num_workers=1",
+                *overrides,
+            ],
+        )
 
     def study_config(self, *overrides: str) -> Config:
         """The study's LDM (study-ldm-128) as one CPU process: its architecture with random frozen weights
         (no download), on 128 px benchmark shards, micro-batch STUDY_MICRO_BATCH."""
         res = load_config(STUDY_CONFIG).data.resolution
-        return load_config(STUDY_CONFIG, [
-            f"data.urls={self.image_shards(res, STUDY_SAMPLES)}", "data.format=images",
-            "data.synthesize.enabled=false", "data.loader_workers=1", "data.shuffle_buffer=16",
-            "model.vae.pretrained=null", "model.text.pretrained=null", "cluster.use_gpu=false",
-            "cluster.num_workers=1", "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0",
-            "cluster.threads_per_worker=1", f"deepspeed.micro_batch_size={STUDY_MICRO_BATCH}", *overrides])
+        return load_config(
+            STUDY_CONFIG,
+            [
+                f"data.urls={self.image_shards(res, STUDY_SAMPLES)}",
+                "data.format=images",
+                "data.synthesize.enabled=false",
+                "data.loader_workers=1",
+                "data.shuffle_buffer=16",
+                "model.vae.pretrained=null",
+                "model.text.pretrained=null",
+                "cluster.use_gpu=false",
+                "cluster.num_workers=1",
+                "cluster.cpus_per_worker=1",
+                "cluster.gpus_per_worker=0",
+                "cluster.threads_per_worker=1",
+                f"deepspeed.micro_batch_size={STUDY_MICRO_BATCH}",
+                *overrides,
+            ],
+        )
 
     def image_shards(self, resolution: int | None = None, samples: int | None = None) -> Path:
         res = resolution or load_config(self.config).data.resolution
@@ -122,14 +161,21 @@ class BenchContext:
     # -- processes ---------------------------------------------------------------------------------------
     def process_group(self) -> None:
         """A one-rank gloo group, so DeepSpeed engines can live in this process."""
+
         def make() -> bool:
             import torch.distributed as dist
 
             from t2i_dist.processes import free_port
 
             if not dist.is_initialized():
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+                os.environ.update(
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()),
+                    RANK="0",
+                    WORLD_SIZE="1",
+                    LOCAL_RANK="0",
+                    LOCAL_WORLD_SIZE="1",
+                )
                 dist.init_process_group("gloo", rank=0, world_size=1)
                 self.on_close(dist.destroy_process_group)
             for name in ("deepspeed", "DeepSpeed"):
@@ -148,8 +194,12 @@ class BenchContext:
                     ray.init(address=address, logging_level=logging.WARNING)
                 else:
                     # 4 logical CPUs: two 1-CPU training workers and Ray Train's controller fit at once
-                    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
-                             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                    ray.init(
+                        num_cpus=4,
+                        include_dashboard=False,
+                        logging_level=logging.WARNING,
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+                    )
                     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
                     self.on_close(lambda: (ray.shutdown(), os.environ.pop("RAY_ADDRESS", None)))
             return ray

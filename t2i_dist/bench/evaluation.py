@@ -41,14 +41,29 @@ def run(ctx: BenchContext) -> list[Row]:
         return len(items) / (time.perf_counter() - start)
 
     ctx.say(f"{BENCH}: {len(items)} images, {ctx.sizes.rounds} rounds")
-    s = side_by_side({"1 worker": lambda: images_per_s(1), "2 workers": lambda: images_per_s(2),
-                      **ceiling.candidates(ctx)}, ctx.sizes.rounds)
-    detail = (f"{len(items)} images at {resolution} px -> Inception 299 px, batch 8, 1 CPU per task; median images/s "
-              f"1 worker {s.median('1 worker'):.1f}, 2 workers {s.median('2 workers'):.1f}")
+    s = side_by_side(
+        {"1 worker": lambda: images_per_s(1), "2 workers": lambda: images_per_s(2), **ceiling.candidates(ctx)},
+        ctx.sizes.rounds,
+    )
+    detail = (
+        f"{len(items)} images at {resolution} px -> Inception 299 px, batch 8, 1 CPU per task; median images/s "
+        f"1 worker {s.median('1 worker'):.1f}, 2 workers {s.median('2 workers'):.1f}"
+    )
     return [
-        ratio_row(BENCH, "FID images/s, 2 / 1 Ray workers", s.ratio("2 workers", "1 worker"), GOAL, detail,
-                  s.spread("2 workers", "1 worker")),
-        ratio_row(BENCH, "machine ceiling in the same rounds: pure compute, 2 / 1 Ray tasks",
-                  s.ratio("ceiling 2", "ceiling 1"), None, ceiling.__doc__.split(":")[0],
-                  s.spread("ceiling 2", "ceiling 1")),
+        ratio_row(
+            BENCH,
+            "FID images/s, 2 / 1 Ray workers",
+            s.ratio("2 workers", "1 worker"),
+            GOAL,
+            detail,
+            s.spread("2 workers", "1 worker"),
+        ),
+        ratio_row(
+            BENCH,
+            "machine ceiling in the same rounds: pure compute, 2 / 1 Ray tasks",
+            s.ratio("ceiling 2", "ceiling 1"),
+            None,
+            ceiling.__doc__.split(":")[0],
+            s.spread("ceiling 2", "ceiling 1"),
+        ),
     ]

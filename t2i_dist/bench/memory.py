@@ -121,10 +121,18 @@ def overrides_for(family: str, size: str) -> tuple[str, list[str]]:
     download) on CPU; model-state bytes do not depend on the batch or (for the LDM) the image size."""
     if size == "tiny":
         return f"{family}-tiny", []
-    frozen = ["model.vae.pretrained=null", "model.text.pretrained=null", "data.resolution=64"] if family == "ldm" \
+    frozen = (
+        ["model.vae.pretrained=null", "model.text.pretrained=null", "data.resolution=64"]
+        if family == "ldm"
         else ["model.clip.pretrained=null"]
-    return f"study-{family}-128", [*frozen, "cluster.use_gpu=false", "cluster.gpus_per_worker=0",
-                                   "cluster.cpus_per_worker=1", "cluster.threads_per_worker=1"]
+    )
+    return f"study-{family}-128", [
+        *frozen,
+        "cluster.use_gpu=false",
+        "cluster.gpus_per_worker=0",
+        "cluster.cpus_per_worker=1",
+        "cluster.threads_per_worker=1",
+    ]
 
 
 def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict[str, int]:
@@ -136,8 +144,13 @@ def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict
     from t2i_dist.models.registry import load_config
 
     name, overrides = overrides_for(family, size)
-    overrides += ["cluster.num_workers=2", f"deepspeed.micro_batch_size={BATCH}", f"deepspeed.precision={precision}",
-                  f"deepspeed.zero_stage={stage}", "data.synthesize.enabled=false"]
+    overrides += [
+        "cluster.num_workers=2",
+        f"deepspeed.micro_batch_size={BATCH}",
+        f"deepspeed.precision={precision}",
+        f"deepspeed.zero_stage={stage}",
+        "data.synthesize.enabled=false",
+    ]
     if family == "galip" and stage == 3:
         overrides.append("model.discriminator_zero_stage=2")
     cfg = load_config(name, overrides)
@@ -164,8 +177,15 @@ def measure(family: str, precision: str, stage: int, size: str = "tiny") -> dict
 
 
 def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str, str, int]], results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     import logging
 
     import torch.distributed as dist
@@ -245,21 +265,35 @@ def _rows(ctx: BenchContext, per_rank: list[dict[str, Any]], size: str, family: 
     ratio = total[3] / total[0]
     breakdown = "; ".join(
         f"ZeRO-{s}: {_mib(total[s])} (" + ", ".join(f"{c} {_mib(r[c])}" for c in CATEGORIES) + ")"
-        for s, r in results.items())
-    why = (" DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model trains in fp32, "
-           "which plain ZeRO-0 AdamW does not: 2.5 of 4 units at best on 2 ranks (0.625x)."
-           if precision == "fp32" else "")
+        for s, r in results.items()
+    )
+    why = (
+        " DeepSpeed's ZeRO optimizers keep an fp32 master partition even when the model trains in fp32, "
+        "which plain ZeRO-0 AdamW does not: 2.5 of 4 units at best on 2 ranks (0.625x)."
+        if precision == "fp32"
+        else ""
+    )
     if family == "galip":
         why += " Mate-D stays at ZeRO-2 (the MA-GP double backward needs its full weights)."
     rows = [
-        Row(BENCH, f"{label}: ZeRO-3 / ZeRO-0 bytes per rank", f"{ratio:.2f}x", f"<= {GOAL}x",
+        Row(
+            BENCH,
+            f"{label}: ZeRO-3 / ZeRO-0 bytes per rank",
+            f"{ratio:.2f}x",
+            f"<= {GOAL}x",
             "met" if ratio <= GOAL else "missed",
-            f"{results[0]['numel'] / 1e6:.2f}M trained parameters; rank 0 of 2; {breakdown}.{why}"),
-        Row(BENCH, f"{label}: ZeRO-1 / ZeRO-2 vs ZeRO-0 bytes per rank",
-            f"{total[1] / total[0]:.2f}x / {total[2] / total[0]:.2f}x"),
+            f"{results[0]['numel'] / 1e6:.2f}M trained parameters; rank 0 of 2; {breakdown}.{why}",
+        ),
+        Row(
+            BENCH,
+            f"{label}: ZeRO-1 / ZeRO-2 vs ZeRO-0 bytes per rank",
+            f"{total[1] / total[0]:.2f}x / {total[2] / total[0]:.2f}x",
+        ),
     ]
     other = per_rank[1][f"{size}/{family}/{precision}/3"]
     if "error" not in other and abs(sum(other[c] for c in CATEGORIES) - total[3]) > 0.05 * total[3]:
-        ctx.notes.append(f"{label} ZeRO-3: rank 1 holds {_mib(sum(other[c] for c in CATEGORIES))}, rank 0 "
-                         f"{_mib(total[3])} (uneven partitions)")
+        ctx.notes.append(
+            f"{label} ZeRO-3: rank 1 holds {_mib(sum(other[c] for c in CATEGORIES))}, rank 0 "
+            f"{_mib(total[3])} (uneven partitions)"
+        )
     return rows

@@ -60,24 +60,52 @@ def run(ctx: BenchContext) -> list[Row]:
     s = side_by_side(candidates, ctx.sizes.rounds)
     rates = ", ".join(f"{k} {s.median(k):.0f}" for k in s.values)
     rows = [
-        ratio_row(BENCH, "S3 server / local disk, one reader, image shards", s.ratio("images_s3", "images_local"),
-                  None, f"median samples/s: {rates}", s.spread("images_s3", "images_local")),
-        ratio_row(BENCH, "S3 server / local disk, one reader, latent shards", s.ratio("latents_s3", "latents_local"),
-                  None, "moto on loopback: no network latency, but every read goes through HTTP and s3fs",
-                  s.spread("latents_s3", "latents_local")),
-        ratio_row(BENCH, "headroom: one S3 reader / training consumption (online encoding)",
-                  s.ratio("images_s3", "train_online"), 3.0,
-                  "reader decodes PNGs; training is benchmark 1's 'ours (online)' on one thread",
-                  s.spread("images_s3", "train_online")),
-        ratio_row(BENCH, "headroom: one S3 reader / training consumption (precomputed latents)",
-                  s.ratio("latents_s3", "train_latents"), 3.0, "", s.spread("latents_s3", "train_latents")),
+        ratio_row(
+            BENCH,
+            "S3 server / local disk, one reader, image shards",
+            s.ratio("images_s3", "images_local"),
+            None,
+            f"median samples/s: {rates}",
+            s.spread("images_s3", "images_local"),
+        ),
+        ratio_row(
+            BENCH,
+            "S3 server / local disk, one reader, latent shards",
+            s.ratio("latents_s3", "latents_local"),
+            None,
+            "moto on loopback: no network latency, but every read goes through HTTP and s3fs",
+            s.spread("latents_s3", "latents_local"),
+        ),
+        ratio_row(
+            BENCH,
+            "headroom: one S3 reader / training consumption (online encoding)",
+            s.ratio("images_s3", "train_online"),
+            3.0,
+            "reader decodes PNGs; training is benchmark 1's 'ours (online)' on one thread",
+            s.spread("images_s3", "train_online"),
+        ),
+        ratio_row(
+            BENCH,
+            "headroom: one S3 reader / training consumption (precomputed latents)",
+            s.ratio("latents_s3", "train_latents"),
+            3.0,
+            "",
+            s.spread("latents_s3", "train_latents"),
+        ),
     ]
     workers = online.cfg.data.loader_workers
     for name, variant in (("online encoding", online), ("precomputed latents", latents)):
         waits = sorted(variant.wait_fractions)
         median = waits[len(waits) // 2]
-        rows.append(Row(BENCH, f"data wait share of step time ({name})", f"{100 * median:.1f} %",
-                        f"< {100 * WAIT_GOAL:.0f} %", "met" if median < WAIT_GOAL else "missed",
-                        f"median over {len(waits)} segments, loader_workers={workers}, local shards; range "
-                        f"{100 * waits[0]:.1f}-{100 * waits[-1]:.1f} %"))
+        rows.append(
+            Row(
+                BENCH,
+                f"data wait share of step time ({name})",
+                f"{100 * median:.1f} %",
+                f"< {100 * WAIT_GOAL:.0f} %",
+                "met" if median < WAIT_GOAL else "missed",
+                f"median over {len(waits)} segments, loader_workers={workers}, local shards; range "
+                f"{100 * waits[0]:.1f}-{100 * waits[-1]:.1f} %",
+            )
+        )
     return rows

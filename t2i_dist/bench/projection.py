@@ -33,8 +33,14 @@ BATCH = 2
 
 # SD 2 (base) UNet at 256 px: 32x32x4 latents, OpenCLIP ViT-H text states (77 x 1024)
 SD2_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=1024,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=1024,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
@@ -74,8 +80,9 @@ def meta_plugin(cfg: Config):
 
 def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor) -> int:
     timesteps = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
-    return count_flops(lambda: unet(latents, timesteps, encoder_hidden_states=hidden).sample.float().square()
-                       .mean().backward())
+    return count_flops(
+        lambda: unet(latents, timesteps, encoder_hidden_states=hidden).sample.float().square().mean().backward()
+    )
 
 
 def ldm_flops(cfg: Config) -> tuple[float, float]:
@@ -113,8 +120,9 @@ def galip_flops(cfg: Config) -> float:
     plugin = meta_plugin(cfg)
     plugin.attach_engines({name: CountingEngine(t.module) for name, t in plugin.trainables().items()})
     res = cfg.data.resolution
-    batch = Batch(captions=["a red circle", "a blue square"] * (BATCH // 2),
-                  images=torch.zeros(BATCH, 3, res, res, device="meta"))
+    batch = Batch(
+        captions=["a red circle", "a blue square"] * (BATCH // 2), images=torch.zeros(BATCH, 3, res, res, device="meta")
+    )
     return count_flops(lambda: plugin.train_step(batch, 1)) / BATCH
 
 
@@ -134,16 +142,26 @@ def anchor_flops() -> float:
 def model_flops_config(name: str) -> Config:
     """Offline weights, and no gradient checkpointing: model FLOPs do not count recomputation."""
     cfg = offline(name)
-    return cfg.revalidated({**cfg.to_dict(), "deepspeed": {**cfg.to_dict()["deepspeed"], "gradient_checkpointing": False}})
+    return cfg.revalidated(
+        {**cfg.to_dict(), "deepspeed": {**cfg.to_dict()["deepspeed"], "gradient_checkpointing": False}}
+    )
 
 
 def run(ctx: BenchContext) -> list[Row]:
     rows: list[Row] = []
     sd2 = anchor_flops()
     anchor_mfu = ANCHOR_IMG_PER_S * sd2 / A100_BF16_FLOPS
-    rows.append(Row(BENCH, "anchor: SD2 UNet 256 px from latents, GFLOPs/sample", f"{sd2 / 1e9:.0f}", "", "",
-                    f"137 img/s per A100 = {100 * anchor_mfu:.0f} % MFU of 312 TFLOPS; an H100 at 40 % MFU: "
-                    f"{h100_img_per_s(sd2):.0f} img/s"))
+    rows.append(
+        Row(
+            BENCH,
+            "anchor: SD2 UNet 256 px from latents, GFLOPs/sample",
+            f"{sd2 / 1e9:.0f}",
+            "",
+            "",
+            f"137 img/s per A100 = {100 * anchor_mfu:.0f} % MFU of 312 TFLOPS; an H100 at 40 % MFU: "
+            f"{h100_img_per_s(sd2):.0f} img/s",
+        )
+    )
     for name in shipped_configs():
         try:
             cfg = model_flops_config(name)
@@ -151,15 +169,19 @@ def run(ctx: BenchContext) -> list[Row]:
                 online, latents = ldm_flops(cfg)
                 value = f"{online / 1e9:.3g} / {latents / 1e9:.3g}"
                 metric = f"{name}: GFLOPs/sample, online / latents"
-                detail = (f"H100 at 40 % MFU: {h100_img_per_s(online):,.0f} / {h100_img_per_s(latents):,.0f} img/s; "
-                          f"A100 at the anchor's {100 * anchor_mfu:.0f} % MFU: "
-                          f"{anchor_mfu * A100_BF16_FLOPS / latents:,.0f} img/s from latents")
+                detail = (
+                    f"H100 at 40 % MFU: {h100_img_per_s(online):,.0f} / {h100_img_per_s(latents):,.0f} img/s; "
+                    f"A100 at the anchor's {100 * anchor_mfu:.0f} % MFU: "
+                    f"{anchor_mfu * A100_BF16_FLOPS / latents:,.0f} img/s from latents"
+                )
             elif cfg.model.family == "galip":
                 flops = galip_flops(cfg)
                 value = f"{flops / 1e9:.3g}"
                 metric = f"{name}: GFLOPs/sample (D + G step)"
-                detail = (f"H100 at 40 % MFU: {h100_img_per_s(flops):,.0f} img/s; A100 at the anchor's "
-                          f"{100 * anchor_mfu:.0f} % MFU: {anchor_mfu * A100_BF16_FLOPS / flops:,.0f} img/s")
+                detail = (
+                    f"H100 at 40 % MFU: {h100_img_per_s(flops):,.0f} img/s; A100 at the anchor's "
+                    f"{100 * anchor_mfu:.0f} % MFU: {anchor_mfu * A100_BF16_FLOPS / flops:,.0f} img/s"
+                )
             else:
                 continue
             detail += f"; {cfg.data.resolution} px"
@@ -168,5 +190,6 @@ def run(ctx: BenchContext) -> list[Row]:
             rows.append(unavailable(BENCH, f"{name}: GFLOPs/sample", f"{type(exc).__name__}: {exc}"))
     ctx.notes.append(
         "GPU projection: tiny configs project to absurd img/s because a 32 px model is far too small to keep an "
-        "H100 busy; there, launch overhead and the data pipeline bound throughput, not FLOPs.")
+        "H100 busy; there, launch overhead and the data pipeline bound throughput, not FLOPs."
+    )
     return rows

@@ -21,8 +21,9 @@ class Row:
     detail: str = ""
 
 
-def ratio_row(bench: str, metric: str, ratio: float, goal: float | None, detail: str,
-              spread: tuple[float, float] | None = None) -> Row:
+def ratio_row(
+    bench: str, metric: str, ratio: float, goal: float | None, detail: str, spread: tuple[float, float] | None = None
+) -> Row:
     value = f"{ratio:.2f}x"
     if spread:
         value += f" ({spread[0]:.2f}-{spread[1]:.2f})"
@@ -37,8 +38,10 @@ def unavailable(bench: str, metric: str, reason: str) -> Row:
 
 def machine_line() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.node()} | {os.cpu_count()} logical CPUs | load average {load} | torch {torch.__version__} "
-            f"| {torch.get_num_threads()} torch thread(s) in this process")
+    return (
+        f"{platform.node()} | {os.cpu_count()} logical CPUs | load average {load} | torch {torch.__version__} "
+        f"| {torch.get_num_threads()} torch thread(s) in this process"
+    )
 
 
 def render_text(rows: list[Row]) -> str:
@@ -70,8 +73,11 @@ def render_markdown(rows: list[Row], mode: str, started: float, notes: list[str]
         "| benchmark | metric | value | goal | verdict | how |",
         "|---|---|---|---|---|---|",
     ]
-    out += [f"| {_cell(r.bench)} | {_cell(r.metric)} | {_cell(r.value)} | {_cell(r.goal)} | {_cell(r.verdict)} | "
-            f"{_cell(r.detail)} |" for r in rows]
+    out += [
+        f"| {_cell(r.bench)} | {_cell(r.metric)} | {_cell(r.value)} | {_cell(r.goal)} | {_cell(r.verdict)} | "
+        f"{_cell(r.detail)} |"
+        for r in rows
+    ]
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"

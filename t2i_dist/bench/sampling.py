@@ -16,8 +16,12 @@ from t2i_dist.config import Config
 from t2i_dist.models.registry import load_config
 
 BENCH = "6 sampling"
-PROMPTS = ["a red circle", "a small blue square on the left", "a large green triangle at the top",
-           "a yellow circle at the bottom right"]
+PROMPTS = [
+    "a red circle",
+    "a small blue square on the left",
+    "a large green triangle at the top",
+    "a yellow circle at the bottom right",
+]
 
 
 def offline(name: str) -> Config:
@@ -56,11 +60,19 @@ def compare(ctx: BenchContext, ldm_name: str, galip_name: str) -> Row:
     rounds = ctx.sizes.rounds if tiny else 2
     ctx.say(f"{BENCH}: {ldm_name} vs {galip_name}, {rounds} rounds of {len(prompts)} image(s)")
     s = side_by_side(candidates, rounds)
-    detail = (f"{ldm_name} vs {galip_name}, batch of {len(prompts)}, 1 thread; median s/image LDM "
-              f"{1 / s.median('ldm'):.3f}, GALIP {1 / s.median('galip'):.4f}; study: ~5 s vs ~1 s (5x)")
+    detail = (
+        f"{ldm_name} vs {galip_name}, batch of {len(prompts)}, 1 thread; median s/image LDM "
+        f"{1 / s.median('ldm'):.3f}, GALIP {1 / s.median('galip'):.4f}; study: ~5 s vs ~1 s (5x)"
+    )
     size = "tiny, 32 px" if tiny else "study networks, 128 px"
-    return ratio_row(BENCH, f"LDM / GALIP seconds per image ({size})", s.ratio("galip", "ldm"), None, detail,
-                     s.spread("galip", "ldm"))
+    return ratio_row(
+        BENCH,
+        f"LDM / GALIP seconds per image ({size})",
+        s.ratio("galip", "ldm"),
+        None,
+        detail,
+        s.spread("galip", "ldm"),
+    )
 
 
 def run(ctx: BenchContext) -> list[Row]:

@@ -24,15 +24,29 @@ def fit(ctx: BenchContext, workers: int, index: int) -> dict[str, Any]:
 
     steps = ctx.sizes.fit_steps
     cfg = ctx.ldm_config(
-        f"data.urls={ctx.latent_shards()}", "data.format=latents", "deepspeed.gradient_checkpointing=false",
-        f"cluster.num_workers={workers}", "cluster.threads_per_worker=1", "cluster.cpus_per_worker=1",
-        f"cluster.storage_path={ctx.workdir / 'runs'}", f"run.name=scale-{workers}w-{index}",
-        f"run.max_steps={steps}", f"run.log_every={steps // 2}", f"run.checkpoint_every={steps}",
-        "run.sample_every=0", "eval.every=0", "run.max_failures=0", "model.sampling.steps=1",
-        "tracking.samples_per_prompt=1", "tracking.sample_prompts=[a red circle]",
+        f"data.urls={ctx.latent_shards()}",
+        "data.format=latents",
+        "deepspeed.gradient_checkpointing=false",
+        f"cluster.num_workers={workers}",
+        "cluster.threads_per_worker=1",
+        "cluster.cpus_per_worker=1",
+        f"cluster.storage_path={ctx.workdir / 'runs'}",
+        f"run.name=scale-{workers}w-{index}",
+        f"run.max_steps={steps}",
+        f"run.log_every={steps // 2}",
+        f"run.checkpoint_every={steps}",
+        "run.sample_every=0",
+        "eval.every=0",
+        "run.max_failures=0",
+        "model.sampling.steps=1",
+        "tracking.samples_per_prompt=1",
+        "tracking.sample_prompts=[a red circle]",
     )
-    run_info = {"tracking_uri": (ctx.workdir / "mlruns").as_uri(), "fallback_dir": str(ctx.workdir / "fallback"),
-                "shards": preflight(cfg.data)}
+    run_info = {
+        "tracking_uri": (ctx.workdir / "mlruns").as_uri(),
+        "fallback_dir": str(ctx.workdir / "fallback"),
+        "shards": preflight(cfg.data),
+    }
     result = launch.build_trainer(cfg, run_info).fit()
     metrics = dict(result.metrics or {})
     if "img_per_s" not in metrics:
@@ -53,17 +67,39 @@ def run(ctx: BenchContext) -> list[Row]:
         waits[workers].append(float(metrics.get("data_wait_fraction", float("nan"))))
         return float(metrics["img_per_s"])
 
-    s = side_by_side({"1 worker": lambda: measure(1), "2 workers": lambda: measure(2), **ceiling.candidates(ctx)},
-                     ctx.sizes.fits)
-    detail = (f"median img/s: 1 worker {s.median('1 worker'):.1f}, 2 workers {s.median('2 workers'):.1f}; "
-              f"{s.rounds} pair(s) of runs, {ctx.sizes.fit_steps} steps each, micro-batch per worker fixed")
-    rows = [ratio_row(BENCH, "samples/s, 2 / 1 Ray workers (1 thread each)", s.ratio("2 workers", "1 worker"), GOAL,
-                      detail, s.spread("2 workers", "1 worker")),
-            ratio_row(BENCH, "machine ceiling in the same rounds: pure compute, 2 / 1 Ray tasks",
-                      s.ratio("ceiling 2", "ceiling 1"), None, "what two 1-thread processes could gain at best",
-                      s.spread("ceiling 2", "ceiling 1"))]
-    rows.append(Row(BENCH, "data wait share in the training loop (1 / 2 workers)",
-                    f"{100 * statistics.median(waits[1]):.1f} % / {100 * statistics.median(waits[2]):.1f} %",
-                    "< 5 %", "met" if max(statistics.median(waits[1]), statistics.median(waits[2])) < 0.05
-                    else "missed", "the loop's own data_wait_fraction, latent shards, loader_workers=1"))
+    s = side_by_side(
+        {"1 worker": lambda: measure(1), "2 workers": lambda: measure(2), **ceiling.candidates(ctx)}, ctx.sizes.fits
+    )
+    detail = (
+        f"median img/s: 1 worker {s.median('1 worker'):.1f}, 2 workers {s.median('2 workers'):.1f}; "
+        f"{s.rounds} pair(s) of runs, {ctx.sizes.fit_steps} steps each, micro-batch per worker fixed"
+    )
+    rows = [
+        ratio_row(
+            BENCH,
+            "samples/s, 2 / 1 Ray workers (1 thread each)",
+            s.ratio("2 workers", "1 worker"),
+            GOAL,
+            detail,
+            s.spread("2 workers", "1 worker"),
+        ),
+        ratio_row(
+            BENCH,
+            "machine ceiling in the same rounds: pure compute, 2 / 1 Ray tasks",
+            s.ratio("ceiling 2", "ceiling 1"),
+            None,
+            "what two 1-thread processes could gain at best",
+            s.spread("ceiling 2", "ceiling 1"),
+        ),
+    ]
+    rows.append(
+        Row(
+            BENCH,
+            "data wait share in the training loop (1 / 2 workers)",
+            f"{100 * statistics.median(waits[1]):.1f} % / {100 * statistics.median(waits[2]):.1f} %",
+            "< 5 %",
+            "met" if max(statistics.median(waits[1]), statistics.median(waits[2])) < 0.05 else "missed",
+            "the loop's own data_wait_fraction, latent shards, loader_workers=1",
+        )
+    )
     return rows

@@ -9,9 +9,9 @@ micro-batch and thread count as ours.
 
 Ours is the loop's own step (TrainLoop.train_one_step, engine/loop.py): ShardLoader batch ->
 LDMPlugin.train_step through the DeepSpeed engine of the config's ZeRO stage -> EMA -> the per-step agreement
-all-reduce, on a one-rank gloo group; once with online encoding, once from precomputed latent shards; in full mode also with the UNet
-compiled (deepspeed.compile=true). Gradient checkpointing is off in every variant (a separate row prices
-ldm-tiny's `gradient_checkpointing: true`). Full mode repeats the comparison on the study's networks
+all-reduce, on a one-rank gloo group; once with online encoding, once from precomputed latent shards; in full
+mode also with the UNet compiled (deepspeed.compile=true). Gradient checkpointing is off in every variant (a
+separate row prices ldm-tiny's `gradient_checkpointing: true`). Full mode repeats the comparison on the study's networks
 (study-ldm-128 with random frozen weights), where the KL-f8 encoder weighs what it weighs in real training.
 """
 
@@ -65,14 +65,22 @@ def reference_batches(shards: list[str], resolution: int, batch_size: int) -> It
     import webdataset as wds
     from torchvision import transforms
 
-    transform = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
-    dataset = (wds.WebDataset(shards, shardshuffle=False, empty_check=False).repeat().shuffle(256)
-               .decode("pil").to_tuple("png;jpg;jpeg;webp", "txt").map_tuple(transform, str))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+    dataset = (
+        wds.WebDataset(shards, shardshuffle=False, empty_check=False)
+        .repeat()
+        .shuffle(256)
+        .decode("pil")
+        .to_tuple("png;jpg;jpeg;webp", "txt")
+        .map_tuple(transform, str)
+    )
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0))
 
 
@@ -96,8 +104,9 @@ class ReferenceVariant:
         self.unet = build_unet(m, ours.latent_channels, ours.latent_size, ours.text_encoder.width).train()
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=o.lr, betas=o.betas,
-                                           weight_decay=o.weight_decay, eps=o.eps)
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
+        )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.ema = EMAModel(self.unet.parameters(), decay=m.ema_decay)
         self.batches = reference_batches(shards, cfg.data.resolution, cfg.deepspeed.micro_batch_size)
@@ -128,6 +137,7 @@ class ReferenceVariant:
 
 def variants(ctx: BenchContext) -> dict[str, Any]:
     """The variants benchmarks 1 and 2 share, built once and warmed up (two steps each)."""
+
     def make() -> dict[str, Any]:
         from t2i_dist.data.sources import expand_urls
 
@@ -140,14 +150,22 @@ def variants(ctx: BenchContext) -> dict[str, Any]:
         out["ours_online"] = OursVariant(ctx.ldm_config(off), ctx.workdir / "ours_online")
         out["ours_latents"] = OursVariant(ctx.ldm_config(off, *from_latents), ctx.workdir / "ours_latents")
         out["ours_online_zero0"] = OursVariant(ctx.ldm_config(off, zero0), ctx.workdir / "ours_online_zero0")
-        out["ours_latents_zero0"] = OursVariant(ctx.ldm_config(off, zero0, *from_latents), ctx.workdir / "ours_latents_zero0")
+        out["ours_latents_zero0"] = OursVariant(
+            ctx.ldm_config(off, zero0, *from_latents), ctx.workdir / "ours_latents_zero0"
+        )
         shards = expand_urls(str(ctx.image_shards()))
         out["reference"] = ReferenceVariant(ctx.ldm_config(off), out["ours_online"], shards)
         if not ctx.quick:
-            out["ours_online_ckpt"] = OursVariant(ctx.ldm_config("deepspeed.gradient_checkpointing=true"), ctx.workdir / "ours_online_ckpt")
+            out["ours_online_ckpt"] = OursVariant(
+                ctx.ldm_config("deepspeed.gradient_checkpointing=true"), ctx.workdir / "ours_online_ckpt"
+            )
             compiled = "deepspeed.compile=true"
-            out["ours_online_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled), ctx.workdir / "ours_online_zero0_compiled")
-            out["ours_latents_zero0_compiled"] = OursVariant(ctx.ldm_config(off, zero0, compiled, *from_latents), ctx.workdir / "ours_latents_zero0_compiled")
+            out["ours_online_zero0_compiled"] = OursVariant(
+                ctx.ldm_config(off, zero0, compiled), ctx.workdir / "ours_online_zero0_compiled"
+            )
+            out["ours_latents_zero0_compiled"] = OursVariant(
+                ctx.ldm_config(off, zero0, compiled, *from_latents), ctx.workdir / "ours_latents_zero0_compiled"
+            )
         _warm_up(out, steps=2)
         return out
 
@@ -162,16 +180,22 @@ def run(ctx: BenchContext) -> list[Row]:
     ctx.cache["step_samples"] = samples
     cfg = v["ours_online"].cfg
     rates = ", ".join(f"{k} {samples.median(k):.1f}" for k in samples.values)
-    setup = (f"{cfg.run.name}: micro-batch {cfg.deepspeed.micro_batch_size}, {cfg.data.resolution} px, ZeRO "
-             f"{cfg.deepspeed.zero_stage}, loader_workers {cfg.data.loader_workers}, 1 torch thread; "
-             f"median img/s {rates}")
+    setup = (
+        f"{cfg.run.name}: micro-batch {cfg.deepspeed.micro_batch_size}, {cfg.data.resolution} px, ZeRO "
+        f"{cfg.deepspeed.zero_stage}, loader_workers {cfg.data.loader_workers}, 1 torch thread; "
+        f"median img/s {rates}"
+    )
     stage = cfg.deepspeed.zero_stage
     rows = []
-    zero_cost = ("ZeRO-1/2 on one rank partition nothing, yet pay DeepSpeed's per-parameter gradient hooks, "
-                 "bucketed reductions and flat-partition step")
+    zero_cost = (
+        "ZeRO-1/2 on one rank partition nothing, yet pay DeepSpeed's per-parameter gradient hooks, "
+        "bucketed reductions and flat-partition step"
+    )
     online_reference = "the reference encodes online, as the script does"
-    compiled_how = ("deepspeed.compile=true: the UNet through torch.compile (inductor), compiled once before the "
-                    "measured rounds; the reference runs eager, as the script does")
+    compiled_how = (
+        "deepspeed.compile=true: the UNet through torch.compile (inductor), compiled once before the "
+        "measured rounds; the reference runs eager, as the script does"
+    )
     for variant, label, goal, how in (
         ("ours_online", f"ours, ZeRO-{stage} as configured, online encoding", 1.0, setup),
         ("ours_online_zero0", "ours, ZeRO-0 (the one-process setting), online encoding", 1.0, zero_cost),
@@ -182,18 +206,38 @@ def run(ctx: BenchContext) -> list[Row]:
     ):
         if variant not in samples.values:
             continue
-        rows.append(ratio_row(BENCH, f"{label} / diffusers reference, img/s", samples.ratio(variant, "reference"),
-                              goal, how, samples.spread(variant, "reference")))
-    rows.append(ratio_row(BENCH, "precomputed latents / online encoding (ours, ZeRO-0), img/s",
-                          samples.ratio("ours_latents_zero0", "ours_online_zero0"), None,
-                          "published large-scale training: ~1.4x; benchmark 7 gives the FLOP ratio per config",
-                          samples.spread("ours_latents_zero0", "ours_online_zero0")))
+        rows.append(
+            ratio_row(
+                BENCH,
+                f"{label} / diffusers reference, img/s",
+                samples.ratio(variant, "reference"),
+                goal,
+                how,
+                samples.spread(variant, "reference"),
+            )
+        )
+    rows.append(
+        ratio_row(
+            BENCH,
+            "precomputed latents / online encoding (ours, ZeRO-0), img/s",
+            samples.ratio("ours_latents_zero0", "ours_online_zero0"),
+            None,
+            "published large-scale training: ~1.4x; benchmark 7 gives the FLOP ratio per config",
+            samples.spread("ours_latents_zero0", "ours_online_zero0"),
+        )
+    )
     rows += _payback_rows(ctx, "", cfg.run.name, samples, "ours_online_zero0", "ours_latents_zero0")
     if "ours_online_ckpt" in samples.values:
-        rows.append(ratio_row(BENCH, "gradient checkpointing off / on (ours, online), img/s",
-                              samples.ratio("ours_online", "ours_online_ckpt"), None,
-                              "ldm-tiny ships gradient_checkpointing: true",
-                              samples.spread("ours_online", "ours_online_ckpt")))
+        rows.append(
+            ratio_row(
+                BENCH,
+                "gradient checkpointing off / on (ours, online), img/s",
+                samples.ratio("ours_online", "ours_online_ckpt"),
+                None,
+                "ldm-tiny ships gradient_checkpointing: true",
+                samples.spread("ours_online", "ours_online_ckpt"),
+            )
+        )
     if not ctx.quick:
         rows += run_study(ctx)
     return rows
@@ -209,8 +253,10 @@ def run_study(ctx: BenchContext) -> list[Row]:
     online_cfg = ctx.study_config()
     latents = ctx.latent_shards(online_cfg)
     latents_cfg = ctx.study_config(f"data.urls={latents}", "data.format=latents")
-    v: dict[str, Any] = {"ours_online": OursVariant(online_cfg, ctx.workdir / "study_online"),
-                         "ours_latents": OursVariant(latents_cfg, ctx.workdir / "study_latents")}
+    v: dict[str, Any] = {
+        "ours_online": OursVariant(online_cfg, ctx.workdir / "study_online"),
+        "ours_latents": OursVariant(latents_cfg, ctx.workdir / "study_latents"),
+    }
     v["reference"] = ReferenceVariant(online_cfg, v["ours_online"], expand_urls(str(online_cfg.data.urls)))
     _warm_up(v, steps=1)
     rounds = ctx.sizes.study_rounds
@@ -218,15 +264,27 @@ def run_study(ctx: BenchContext) -> list[Row]:
     samples = _one_step_rounds(v, rounds)
     stage = online_cfg.deepspeed.zero_stage
     rates = ", ".join(f"{k} {samples.median(k):.2f}" for k in samples.values)
-    setup = (f"study-ldm-128 (random frozen weights): micro-batch {STUDY_MICRO_BATCH}, 128 px, ZeRO {stage}, "
-             f"loader_workers 1, 1 torch thread; median img/s {rates}")
+    setup = (
+        f"study-ldm-128 (random frozen weights): micro-batch {STUDY_MICRO_BATCH}, 128 px, ZeRO {stage}, "
+        f"loader_workers 1, 1 torch thread; median img/s {rates}"
+    )
     rows = [
-        ratio_row(BENCH, f"study-ldm-128: ours, ZeRO-{stage}, online encoding / diffusers reference, img/s",
-                  samples.ratio("ours_online", "reference"), 1.0, setup, samples.spread("ours_online", "reference")),
-        ratio_row(BENCH, f"study-ldm-128: ours, ZeRO-{stage}, precomputed latents / diffusers reference, img/s",
-                  samples.ratio("ours_latents", "reference"), 1.3,
-                  "the KL-f8 encoder at 128 px costs several times the 24M UNet's training step (benchmark 7)",
-                  samples.spread("ours_latents", "reference")),
+        ratio_row(
+            BENCH,
+            f"study-ldm-128: ours, ZeRO-{stage}, online encoding / diffusers reference, img/s",
+            samples.ratio("ours_online", "reference"),
+            1.0,
+            setup,
+            samples.spread("ours_online", "reference"),
+        ),
+        ratio_row(
+            BENCH,
+            f"study-ldm-128: ours, ZeRO-{stage}, precomputed latents / diffusers reference, img/s",
+            samples.ratio("ours_latents", "reference"),
+            1.3,
+            "the KL-f8 encoder at 128 px costs several times the 24M UNet's training step (benchmark 7)",
+            samples.spread("ours_latents", "reference"),
+        ),
     ]
     rows += _payback_rows(ctx, "study-ldm-128: ", online_cfg.run.name, samples, "ours_online", "ours_latents")
     return rows
@@ -244,13 +302,23 @@ def _one_step_rounds(variants: dict[str, Any], rounds: int) -> Samples:
     return side_by_side({name: partial(var.segment, 1) for name, var in variants.items()}, rounds)
 
 
-def _payback_rows(ctx: BenchContext, prefix: str, run_name: str, samples: Samples, online: str, latents: str) -> list[Row]:
+def _payback_rows(
+    ctx: BenchContext, prefix: str, run_name: str, samples: Samples, online: str, latents: str
+) -> list[Row]:
     """After how many epochs precomputing latents (timed when the shards were made) has paid for itself."""
     per_sample = ctx.cache.get(f"precompute_s_per_sample/{run_name}")
     if not per_sample:
         return []
     saved = 1 / samples.median(online) - 1 / samples.median(latents)
     epochs = per_sample / saved if saved > 0 else float("inf")
-    return [Row(BENCH, f"{prefix}precompute cost paid back after", f"{epochs:.2f} epochs", "", "",
-                f"encoding loop {per_sample * 1e3:.1f} ms/sample (one process, one thread, start-up excluded) vs "
-                f"{saved * 1e3:.1f} ms/sample saved per training epoch (medians)")]
+    return [
+        Row(
+            BENCH,
+            f"{prefix}precompute cost paid back after",
+            f"{epochs:.2f} epochs",
+            "",
+            "",
+            f"encoding loop {per_sample * 1e3:.1f} ms/sample (one process, one thread, start-up excluded) vs "
+            f"{saved * 1e3:.1f} ms/sample saved per training epoch (medians)",
+        )
+    ]

@@ -58,8 +58,14 @@ def _unchanged(item: Any) -> Any:
 class _Readers(IterableDataset):
     """Runs reader (DataLoader worker id + rotation) % W in each DataLoader worker process."""
 
-    def __init__(self, spec: StreamSpec, positions: list[Position], counters: list[SkipCounter],
-                 signatures: list[str | None], rotation: int):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        positions: list[Position],
+        counters: list[SkipCounter],
+        signatures: list[str | None],
+        rotation: int,
+    ):
         self.spec = spec
         self.positions = positions
         self.counters = counters
@@ -74,8 +80,9 @@ class _Readers(IterableDataset):
         num_workers = info.num_workers if info else 1
         reader = ((info.id if info else 0) + self.rotation) % num_workers
         torch.set_num_threads(1)  # decoding is per-sample work; threads would only compete with training
-        outputs = reader_batches(self.spec, reader, num_workers, self.positions[reader], self.counters[reader],
-                                 self.signatures[reader])
+        outputs = reader_batches(
+            self.spec, reader, num_workers, self.positions[reader], self.counters[reader], self.signatures[reader]
+        )
         for out in outputs:
             yield {**out, "reader": reader}
 
@@ -108,9 +115,18 @@ class ShardLoader:
         # page-locked batches let the host-to-GPU copy (Batch.to, non_blocking) overlap the step
         self.pin_memory = pin_memory
         self.spec = StreamSpec(
-            shards=shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, fmt=data.format,
-            resolution=data.resolution, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
-            max_skip_fraction=data.max_skip_fraction, max_pixels=max_pixels, s3=data.s3,
+            shards=shards,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            fmt=data.format,
+            resolution=data.resolution,
+            shuffle_buffer=data.shuffle_buffer,
+            resampled=data.resampled,
+            max_skip_fraction=data.max_skip_fraction,
+            max_pixels=max_pixels,
+            s3=data.s3,
         )
         readers = max(1, self.num_workers)
         self._positions = [Position() for _ in range(readers)]
@@ -129,13 +145,22 @@ class ShardLoader:
             batches = reader_batches(self.spec, 0, 1, self._positions[0], self._counters[0], self._signatures[0])
             outputs = ({**out, "reader": 0} for out in batches)
         else:
-            dataset = _Readers(self.spec, self._positions, self._counters, self._signatures,
-                               self._batches % self.num_workers)
+            dataset = _Readers(
+                self.spec, self._positions, self._counters, self._signatures, self._batches % self.num_workers
+            )
             # in_order: the k-th batch is worker k's, which the rotation above relies on
-            outputs = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      collate_fn=_unchanged, prefetch_factor=2, in_order=True,
-                                      pin_memory=self.pin_memory,
-                                      generator=torch.Generator().manual_seed(self._loader_seed)))
+            outputs = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_unchanged,
+                    prefetch_factor=2,
+                    in_order=True,
+                    pin_memory=self.pin_memory,
+                    generator=torch.Generator().manual_seed(self._loader_seed),
+                )
+            )
             _LIVE_ITERATORS.add(outputs)
         try:
             for out in outputs:
@@ -144,8 +169,7 @@ class ShardLoader:
                 self._counters[reader] = SkipCounter.from_dict(out["counter"])
                 self._signatures[reader] = out["signature"]
                 self._batches += 1
-                yield Batch(captions=out["captions"], images=out["images"], latents=out["latents"],
-                            text=out["text"])
+                yield Batch(captions=out["captions"], images=out["images"], latents=out["latents"], text=out["text"])
         finally:
             # stop worker processes now, not whenever a traceback holding this frame is collected
             shutdown = getattr(outputs, "_shutdown_workers", None)
@@ -174,8 +198,13 @@ class ShardLoader:
     # -- state -------------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         digest = hashlib.sha1("\n".join(self.spec.shards).encode()).hexdigest()
-        return {"shards_sha1": digest, "seed": self.spec.seed, "rank": self.spec.rank,
-                "world_size": self.spec.world_size, "loader_workers": self.num_workers}
+        return {
+            "shards_sha1": digest,
+            "seed": self.spec.seed,
+            "rank": self.spec.rank,
+            "world_size": self.spec.world_size,
+            "loader_workers": self.num_workers,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -201,8 +230,11 @@ class ShardLoader:
             self._signatures = list(state.get("signatures") or [None] * len(self._positions))
             return
         epoch = min(p["epoch"] for p in state["positions"])
-        log.warning("data loader settings changed since the saved state (%s); restarting at the beginning of "
-                    "epoch %d", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()), epoch)
+        log.warning(
+            "data loader settings changed since the saved state (%s); restarting at the beginning of epoch %d",
+            ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            epoch,
+        )
         self._positions = [Position(epoch, 0) for _ in self._positions]
         self._counters = [SkipCounter() for _ in self._counters]
         self._signatures = [None] * len(self._positions)

@@ -1,8 +1,8 @@
 """The data pipeline's entry points: resolve and check shards on the driver, stream batches on workers.
 
-    shards = preflight(cfg.data)                      # driver, before any worker starts
-    loader = ShardLoader(cfg.data, batch_size, rank, world_size, seed, shards=shards)
-    for batch in loader: ...                          # infinite; loader.state_dict() for checkpoints
+shards = preflight(cfg.data)                      # driver, before any worker starts
+loader = ShardLoader(cfg.data, batch_size, rank, world_size, seed, shards=shards)
+for batch in loader: ...                          # infinite; loader.state_dict() for checkpoints
 """
 
 from t2i_dist.data.errors import DataError

@@ -36,7 +36,7 @@ def _has_glob(path: str) -> bool:
 
 
 def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _expand_local(path: str) -> list[str]:
@@ -71,6 +71,7 @@ def expand_urls(urls: str | list[str], s3: S3Section | None = None) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------------ preflight
+
 
 def preflight(data: DataSection) -> list[str]:
     """Resolve data.urls to shards and check they can be read, before any worker starts.
@@ -196,6 +197,7 @@ def explain_remote_error(url: str, exc: BaseException, s3: S3Section) -> DataErr
 
 
 # ------------------------------------------------------------------------------------------------ synthesis
+
 
 def synthesis_directory(urls: str | list[str]) -> Path:
     """The local directory data.synthesize writes to: data.urls itself, or the directory of its pattern."""

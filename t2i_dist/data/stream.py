@@ -74,8 +74,9 @@ class SkipCounter:
         return cls(state["seen"], Counter(state["skipped"]), Counter(state["skipped_by_shard"]))
 
     def merged(self, other: SkipCounter) -> SkipCounter:
-        return SkipCounter(self.seen + other.seen, self.skipped + other.skipped,
-                           self.skipped_by_shard + other.skipped_by_shard)
+        return SkipCounter(
+            self.seen + other.seen, self.skipped + other.skipped, self.skipped_by_shard + other.skipped_by_shard
+        )
 
     @property
     def total_skipped(self) -> int:
@@ -83,6 +84,7 @@ class SkipCounter:
 
 
 # ----------------------------------------------------------------------------------------- shard assignment
+
 
 def _split(items: list[str], part: int, parts: int) -> tuple[list[str], tuple[int, int] | None]:
     """This part's shards, or all of them plus a (part, parts) sample filter when there are too few."""
@@ -117,6 +119,7 @@ def epoch_assignment(
 
 
 # --------------------------------------------------------------------------------------------- raw items
+
 
 class _TailKeeper:
     """Passes reads through and keeps the last bytes, to check a tar's end-of-archive blocks afterwards."""
@@ -186,6 +189,7 @@ def epoch_items(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> 
 
 # ------------------------------------------------------------------------------------------------ batches
 
+
 def _check_skips(counter: SkipCounter, spec: StreamSpec, worker: int) -> None:
     if counter.seen < MIN_SAMPLES_FOR_SKIP_CHECK:
         return
@@ -203,7 +207,11 @@ def _check_skips(counter: SkipCounter, spec: StreamSpec, worker: int) -> None:
 
 
 def reader_batches(
-    spec: StreamSpec, worker: int, num_workers: int, start: Position, counter: SkipCounter,
+    spec: StreamSpec,
+    worker: int,
+    num_workers: int,
+    start: Position,
+    counter: SkipCounter,
     signature: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite batches of one reader, from `start`. Each is the collated batch plus `position` (where the
@@ -236,8 +244,12 @@ def reader_batches(
             usable_in_epoch += 1
             pending.append(decoded)
             if len(pending) == spec.batch_size:
-                yield {**collate(pending), "position": asdict(Position(epoch, index)), "counter": counter.to_dict(),
-                       "signature": signature}
+                yield {
+                    **collate(pending),
+                    "position": asdict(Position(epoch, index)),
+                    "counter": counter.to_dict(),
+                    "signature": signature,
+                }
                 pending = []
         if items_in_epoch == 0 or (items_in_epoch > first and usable_in_epoch == 0):
             raise DataError(

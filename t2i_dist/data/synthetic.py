@@ -108,8 +108,10 @@ def sample_attributes(index: int, seed: int = 0) -> dict[str, Any]:
         first["size"] = second["size"] = "small"  # two large shapes would overlap
         while (second["colour"], second["shape"]) == (first["colour"], first["shape"]):
             second["colour"] = str(rng.choice(list(COLOURS)))
-        caption = (f"{with_article(first['colour'] + ' ' + first['shape'])} {relation} "
-                   f"{with_article(second['colour'] + ' ' + second['shape'])}")
+        caption = (
+            f"{with_article(first['colour'] + ' ' + first['shape'])} {relation} "
+            f"{with_article(second['colour'] + ' ' + second['shape'])}"
+        )
         objects, extra = [first, second], {"relation": relation}
     else:
         obj = _one_object(rng)
@@ -118,8 +120,13 @@ def sample_attributes(index: int, seed: int = 0) -> dict[str, Any]:
     jitter = [tuple(float(v) for v in rng.uniform(-0.04, 0.04, size=2)) for _ in objects]
     for obj, offset in zip(objects, jitter, strict=True):
         obj["offset"] = offset
-    return {"caption": caption, **{k: objects[0][k] for k in ("colour", "shape", "size", "position")},
-            "objects": objects, **extra, "index": index}
+    return {
+        "caption": caption,
+        **{k: objects[0][k] for k in ("colour", "shape", "size", "position")},
+        "objects": objects,
+        **extra,
+        "index": index,
+    }
 
 
 def render_sample(index: int, size: int, seed: int = 0) -> tuple[Image.Image, dict[str, Any]]:
@@ -131,16 +138,16 @@ def render_sample(index: int, size: int, seed: int = 0) -> tuple[Image.Image, di
     for obj in attrs["objects"]:
         fx, fy = POSITIONS[obj["position"]]
         dx, dy = obj["offset"]
-        _draw_shape(draw, obj["shape"], ((fx + dx) * big, (fy + dy) * big), SIZES[obj["size"]] * big,
-                    COLOURS[obj["colour"]])
+        _draw_shape(
+            draw, obj["shape"], ((fx + dx) * big, (fy + dy) * big), SIZES[obj["size"]] * big, COLOURS[obj["colour"]]
+        )
     return image.resize((size, size), Image.Resampling.LANCZOS), attrs
 
 
 def synthetic_samples(num_samples: int, image_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:
     for index in range(num_samples):
         image, attrs = render_sample(index, image_size, seed)
-        yield {"__key__": f"{index:08d}", "png": png_bytes(image), "txt": attrs["caption"],
-               "json": json.dumps(attrs)}
+        yield {"__key__": f"{index:08d}", "png": png_bytes(image), "txt": attrs["caption"], "json": json.dumps(attrs)}
 
 
 def write_synthetic_shards(

@@ -22,8 +22,15 @@ class Training:
     loader: ShardLoader | None
 
 
-def build_training(cfg: Config, placement: Placement, rank: int, world_size: int, *, shards: list[str] | None = None,
-                   with_loader: bool = True) -> Training:
+def build_training(
+    cfg: Config,
+    placement: Placement,
+    rank: int,
+    world_size: int,
+    *,
+    shards: list[str] | None = None,
+    with_loader: bool = True,
+) -> Training:
     """Identical initial weights on every rank (seeded by run.seed), then a per-rank RNG for everything after
     (noise, dropout, data order), so ranks draw different random numbers."""
     torch.manual_seed(cfg.run.seed)
@@ -34,6 +41,13 @@ def build_training(cfg: Config, placement: Placement, rank: int, world_size: int
     torch.manual_seed(cfg.run.seed * 1000 + rank)
     loader = None
     if with_loader:
-        loader = ShardLoader(cfg.data, cfg.deepspeed.micro_batch_size, rank, world_size, cfg.run.seed, shards=shards,
-                             pin_memory=placement.device.type == "cuda")
+        loader = ShardLoader(
+            cfg.data,
+            cfg.deepspeed.micro_batch_size,
+            rank,
+            world_size,
+            cfg.run.seed,
+            shards=shards,
+            pin_memory=placement.device.type == "cuda",
+        )
     return Training(plugin, engines, counts, loader)

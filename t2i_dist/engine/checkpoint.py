@@ -74,8 +74,16 @@ def _atomic_torch_save(obj: Any, path: Path) -> Path:
 
 
 def write_checkpoint(
-    directory: Path, engines: dict[str, TrainedNetwork], plugin: ModelPlugin, *, rank: int, world_size: int, step: int,
-    data_state: dict[str, Any], config: dict[str, Any], run_info: dict[str, Any],
+    directory: Path,
+    engines: dict[str, TrainedNetwork],
+    plugin: ModelPlugin,
+    *,
+    rank: int,
+    world_size: int,
+    step: int,
+    data_state: dict[str, Any],
+    config: dict[str, Any],
+    run_info: dict[str, Any],
     before_manifest: Callable[[Path], None] | None = None,
 ) -> None:
     """Collective: every rank calls it with its own (local, private) directory. `before_manifest` runs when
@@ -107,15 +115,16 @@ def write_checkpoint(
         "rank": rank,
         "world_size": world_size,
         "step": step,
-        "files": {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                  for p in sorted(set(written))},
+        "files": {
+            str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(set(written))
+        },
     }
     _atomic_write_bytes(directory / "manifest" / f"rank{rank}.json", json.dumps(manifest, indent=1).encode())
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -172,13 +181,19 @@ def verify_remote_checkpoint(url: str, s3: S3Section | None = None) -> dict[str,
 
 
 def restore_checkpoint(
-    directory: Path, engines: dict[str, TrainedNetwork], plugin: ModelPlugin, *, rank: int, world_size: int,
+    directory: Path,
+    engines: dict[str, TrainedNetwork],
+    plugin: ModelPlugin,
+    *,
+    rank: int,
+    world_size: int,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load engines and plug-in state; returns (trainer_state, this rank's data state or None)."""
     state = verify_checkpoint(directory, check_hashes=rank == 0)
     for name, engine in engines.items():
-        path, _ = engine.engine.load_checkpoint(str(directory / name), tag=TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.engine.load_checkpoint(
+            str(directory / name), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load engine {name!r}")
     plugin_state = torch.load(directory / "extra_state.pt", map_location="cpu", weights_only=False)
@@ -192,8 +207,11 @@ def restore_checkpoint(
         _set_rng_state(rng)
         plugin_state["rank"] = rng.get("plugin", {})
     elif state["world_size"] != world_size:
-        log.warning("checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
-                    state["world_size"], world_size)
+        log.warning(
+            "checkpoint was written by %d workers, now %d: data position restarts at the epoch start",
+            state["world_size"],
+            world_size,
+        )
     plugin.load_state_dict(plugin_state)
     return state, data_state
 
@@ -219,8 +237,10 @@ def load_for_inference(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]
         )
     manifest_path = f"{root}/manifest/rank0.json"
     if not fs.exists(manifest_path):
-        raise CheckpointError(f"{checkpoint} is incomplete: manifest/rank0.json is missing (interrupted save?); "
-                              "use an earlier checkpoint_* directory of the run")
+        raise CheckpointError(
+            f"{checkpoint} is incomplete: manifest/rank0.json is missing (interrupted save?); "
+            "use an earlier checkpoint_* directory of the run"
+        )
     with fs.open(manifest_path, "rb") as fh:
         listed = json.loads(fh.read())["files"]
     contents = {}

@@ -124,8 +124,14 @@ class LocalCheckpointSink:
         self.metrics.append(dict(metrics))
 
 
-def local_context(cfg: Config, root: str | Path, *, resume: str | None = None, run_info: dict[str, Any] | None = None,
-                  device: torch.device | None = None) -> RunContext:
+def local_context(
+    cfg: Config,
+    root: str | Path,
+    *,
+    resume: str | None = None,
+    run_info: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> RunContext:
     """A one-process run context: a one-rank process group (gloo, or nccl on a GPU) unless one exists already
     (then its rank and size are used), checkpoints under `root`."""
     if not dist.initialized():

@@ -50,10 +50,13 @@ class InjectedFaults:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InjectedFaults:
         pause = env.get("T2I_FAULT_PAUSE_SAVE_STEP")
-        return cls(_parse_steps(env.get("T2I_FAULT_NAN_LOSS_STEPS", "")),
-                   _parse_steps(env.get("T2I_FAULT_NAN_GRAD_STEPS", "")),
-                   int(pause) if pause else None, env.get("T2I_FAULT_MARKER_DIR"),
-                   float(env.get("T2I_FAULT_PAUSE_S", "120")))
+        return cls(
+            _parse_steps(env.get("T2I_FAULT_NAN_LOSS_STEPS", "")),
+            _parse_steps(env.get("T2I_FAULT_NAN_GRAD_STEPS", "")),
+            int(pause) if pause else None,
+            env.get("T2I_FAULT_MARKER_DIR"),
+            float(env.get("T2I_FAULT_PAUSE_S", "120")),
+        )
 
     def arm(self, engines: dict[str, Any], rank: int) -> None:
         if self.marker_dir:

@@ -44,6 +44,9 @@ class StepMeter:
     def line(self, step: int, metrics: dict[str, float]) -> str:
         parts = [f"step {step}/{self.max_steps}"]
         parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss")]
-        parts += [f"{self.img_per_s:.1f} img/s", f"data wait {100 * self.data_wait_fraction:.0f}%",
-                  f"ETA {self.eta(step)}"]
+        parts += [
+            f"{self.img_per_s:.1f} img/s",
+            f"data wait {100 * self.data_wait_fraction:.0f}%",
+            f"ETA {self.eta(step)}",
+        ]
         return " | ".join(parts)

@@ -4,8 +4,8 @@ asks for.
 
 An attribute is judged only when the caption names its value (a caption "a red circle" says nothing about
 position). Two-object samples (json `relation`) are left out of training and judging: their attributes
-describe only the first object. The CNN's 128-d penultimate features also give a Frechet distance of their own (full rank with a
-few hundred samples, unlike Inception's 2048-d), a cheap in-domain quality signal.
+describe only the first object. The CNN's 128-d penultimate features also give a Frechet distance of their own
+(full rank with a few hundred samples, unlike Inception's 2048-d), a cheap in-domain quality signal.
 
 Train:  python -m t2i_dist.eval.alignment --shards 'data/synth-{000..007}.tar' --out alignment.pt
 """
@@ -40,11 +40,21 @@ class AlignmentNet(nn.Module):
         super().__init__()
         self.vocab = vocab
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, FEATURE_DIM), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, FEATURE_DIM),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleDict({name: nn.Linear(FEATURE_DIM, len(values)) for name, values in vocab.items()})
 
@@ -76,16 +86,19 @@ def mentioned(caption: str | None, value: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- training
 
+
 def judgeable(item: Item) -> bool:
     return "relation" not in item.attrs and all(_value(item.attrs, a) is not None for a in ATTRIBUTES)
 
 
-def _labelled(items: list[Item], resolution: int | None) -> tuple[torch.Tensor, dict[str, list[str]], dict[str, torch.Tensor]]:
+def _labelled(
+    items: list[Item], resolution: int | None
+) -> tuple[torch.Tensor, dict[str, list[str]], dict[str, torch.Tensor]]:
     usable = [it for it in items if judgeable(it)]
     if not usable:
         raise SourceError(
-            "no single-object sample has colour/shape/size/position attributes in its json; the alignment classifier needs "
-            "the synthetic data set's shards"
+            "no single-object sample has colour/shape/size/position attributes in its json; the alignment "
+            "classifier needs the synthetic data set's shards"
         )
     vocab = {a: sorted({cast(str, _value(it.attrs, a)) for it in usable}) for a in ATTRIBUTES}  # judgeable: all set
     images = torch.stack([img for _, img in read_images(usable, resolution)])
@@ -94,8 +107,14 @@ def _labelled(items: list[Item], resolution: int | None) -> tuple[torch.Tensor, 
 
 
 def train_classifier(
-    shards: str | list[str], *, limit: int | None = 2048, epochs: int = 12, batch_size: int = 32,
-    lr: float = 2e-3, seed: int = 0, holdout: float = 0.1,
+    shards: str | list[str],
+    *,
+    limit: int | None = 2048,
+    epochs: int = 12,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    holdout: float = 0.1,
 ) -> tuple[AlignmentNet, dict[str, float]]:
     """Train on the shards' images and attributes; returns the net and its held-out accuracies."""
     torch.manual_seed(seed)
@@ -171,6 +190,7 @@ def ensure_classifier(path: str | None, shards: str | list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
+
 
 @dataclass
 class AlignmentCounts:

@@ -70,6 +70,7 @@ def evaluate_chunk(producer: ImageProducer, items: list[Item], spec: MetricSpec,
 
 # ---------------------------------------------------------------------------------------------- Ray
 
+
 def ensure_ray(address: str | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, else start a local one; reuse an initialised session."""
     import ray
@@ -84,8 +85,14 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def fan_out_ray(
-    producer: ImageProducer, items: list[Item], spec: MetricSpec, workers: int, *,
-    num_cpus: float = 1, num_gpus: float = 0, address: str | None = None,
+    producer: ImageProducer,
+    items: list[Item],
+    spec: MetricSpec,
+    workers: int,
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    address: str | None = None,
 ) -> Partial:
     import ray
 
@@ -100,6 +107,7 @@ def fan_out_ray(
 
 
 # ---------------------------------------------------------------------------------------------- torch.distributed
+
 
 def _reduce_arrays(arrays: dict[str, np.ndarray], keys: list[str], group: Any) -> dict[str, np.ndarray]:
     """Sum the named arrays over ranks in one float64 all_reduce (exact for counts below 2**53)."""

@@ -41,8 +41,9 @@ def resize_generated(images: torch.Tensor, resolution: int | None) -> list[torch
         return list(quantised)
     from PIL import Image
 
-    return [pil_to_uint8(center_crop_resize(Image.fromarray(img.permute(1, 2, 0).numpy()), resolution))
-            for img in quantised]
+    return [
+        pil_to_uint8(center_crop_resize(Image.fromarray(img.permute(1, 2, 0).numpy()), resolution)) for img in quantised
+    ]
 
 
 @dataclass(frozen=True)

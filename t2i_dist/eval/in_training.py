@@ -72,8 +72,9 @@ class InTrainingEval:
         self.chunk = split_contiguous(self.items, world_size)[rank]
         self.num_batches = math.ceil(math.ceil(len(self.items) / world_size) / batch_size)
         self.spec = MetricSpec(
-            extractor=ExtractorSpec(e.inception_path, getattr(e, "resize", "clean"),
-                                    getattr(e, "inception_head_path", None), batch_size=16),
+            extractor=ExtractorSpec(
+                e.inception_path, getattr(e, "resize", "clean"), getattr(e, "inception_head_path", None), batch_size=16
+            ),
             resolution=getattr(e, "resolution", None) or cfg.data.resolution,
             keep_features=False,
             clip=getattr(e, "clip", None),
@@ -125,8 +126,11 @@ class InTrainingEval:
         real = self._reference_stats()
         producer = PluginGenerator(plugin, self.seed, self.batch_size, self.spec.resolution, self.num_batches)
         fake = all_reduce_partial(evaluate_chunk(producer, self.chunk, self.spec, len(self.items)))
-        metrics = {**pair_metrics(fake, real), **set_metrics(fake),
-                   **{f"real/{k}": v for k, v in set_metrics(real).items()}}  # the ceiling, for the report
+        metrics = {
+            **pair_metrics(fake, real),
+            **set_metrics(fake),
+            **{f"real/{k}": v for k, v in set_metrics(real).items()},
+        }  # the ceiling, for the report
         out = {f"eval/{k}": float(v) for k, v in metrics.items() if not isinstance(v, bool)}
         out["eval/num_samples"] = float(fake.count)
         if fake.generated:

@@ -51,6 +51,7 @@ class WeightsError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- weights
 
+
 def bundled_weights_path() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -128,6 +129,7 @@ def load_classifier_head(path: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- preprocessing
 
+
 def to_uint8(images01: torch.Tensor) -> torch.Tensor:
     """[0, 1] float NCHW -> uint8 NCHW, rounded."""
     return (images01.detach().float().cpu() * 255).round_().clamp_(0, 255).to(torch.uint8)
@@ -188,6 +190,7 @@ def same_size_runs(images: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- extractor
+
 
 @dataclass(frozen=True)
 class ExtractorSpec:

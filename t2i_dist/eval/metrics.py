@@ -62,7 +62,9 @@ class MetricSpec:
         if clip_reason:
             reasons["clip_score"] = clip_reason
         if not self.alignment_path:
-            reasons["alignment"] = "no alignment classifier (eval.alignment_classifier); it applies to the synthetic data set"
+            reasons["alignment"] = (
+                "no alignment classifier (eval.alignment_classifier); it applies to the synthetic data set"
+            )
         if not self.keep_features:
             reasons["kid"] = "per-image features were not kept"
         return reasons
@@ -134,7 +136,9 @@ class Partial:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Partial:
-        part = cls(FeatureStats.from_arrays({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("inception/")}))
+        part = cls(
+            FeatureStats.from_arrays({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("inception/")})
+        )
         part.indices = np.asarray(arrays["indices"], np.int64)
         part.features = arrays.get("features")
         if "is/count" in arrays:
@@ -146,7 +150,11 @@ class Partial:
             part.alignment = AlignmentCounts.from_array(arrays["alignment/counts"])
         if "alignment/total" in arrays:
             part.alignment_stats = FeatureStats.from_arrays(
-                {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("alignment/") and k != "alignment/counts"}
+                {
+                    k.split("/", 1)[1]: v
+                    for k, v in arrays.items()
+                    if k.startswith("alignment/") and k != "alignment/counts"
+                }
             )
         seconds, generated = (float(v) for v in arrays["generation"])
         part.generation_seconds, part.generated = seconds, int(generated)
@@ -168,8 +176,11 @@ class Accumulator:
         self.spec = spec
         self.total_items = total_items
         self.extractor = InceptionExtractor(spec.extractor, spec.device)
-        self.clip = (ClipScorer(spec.clip, spec.device)
-                     if spec.clip is not None and clip_unavailable_reason(spec.clip) is None else None)
+        self.clip = (
+            ClipScorer(spec.clip, spec.device)
+            if spec.clip is not None and clip_unavailable_reason(spec.clip) is None
+            else None
+        )
         self.aligner = AlignmentScorer(spec.alignment_path, spec.device) if spec.alignment_path else None
         self.partial = Partial(
             classifier=ClassifierStats(spec.is_splits, NUM_CLASSES) if self.extractor.head is not None else None,
@@ -233,6 +244,7 @@ class Timer:
 
 # ---------------------------------------------------------------------------------------------- final numbers
 
+
 def set_metrics(part: Partial) -> dict[str, Any]:
     """Metrics of one image set on its own: IS, CLIP score, text alignment."""
     out: dict[str, Any] = {}
@@ -248,22 +260,32 @@ def set_metrics(part: Partial) -> dict[str, Any]:
     return out
 
 
-def pair_metrics(fake: Partial, real: Partial, *, require_full_rank: bool = False, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+def pair_metrics(
+    fake: Partial,
+    real: Partial,
+    *,
+    require_full_rank: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Distances between the generated and the real set: FID, KID, alignment-feature FID."""
     out: dict[str, Any] = {
         "fid": frechet_distance(fake.inception, real.inception, require_full_rank),
         "fid_rank_deficient": is_rank_deficient(fake.inception, real.inception),
     }
     if fake.features is not None and real.features is not None:
-        out["kid"], out["kid_std"] = kernel_inception_distance(real.features, fake.features, kid_subsets,
-                                                               kid_subset_size, seed)
+        out["kid"], out["kid_std"] = kernel_inception_distance(
+            real.features, fake.features, kid_subsets, kid_subset_size, seed
+        )
     if fake.alignment_stats is not None and real.alignment_stats is not None:
         out["alignment_fid"] = frechet_distance(fake.alignment_stats, real.alignment_stats)
     return out
 
 
-def summarize(fake: Partial, real: Partial, spec: MetricSpec, extractor_identity: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+def summarize(
+    fake: Partial, real: Partial, spec: MetricSpec, extractor_identity: dict[str, str], **kwargs: Any
+) -> dict[str, Any]:
     """One JSON-able record: the numbers, the sample counts and the extractor."""
     out = pair_metrics(fake, real, **kwargs)
     out.update(set_metrics(fake))

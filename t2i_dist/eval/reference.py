@@ -91,7 +91,10 @@ def save_reference(cache_dir: str, key: str, part: Partial) -> str:
 
 
 def cached_reference(
-    items: list[Item], spec: MetricSpec, compute: Callable[[], Partial], cache_dir: str | None,
+    items: list[Item],
+    spec: MetricSpec,
+    compute: Callable[[], Partial],
+    cache_dir: str | None,
     dataset: str | None = None,
 ) -> tuple[Partial, str | None]:
     """(statistics, cache path or None): loaded when cached, else computed and stored."""

@@ -62,7 +62,11 @@ def _image_files(url: str, s3: S3Section | None) -> list[str]:
         found = [fs.unstrip_protocol(p) for p in found]
     else:
         local = url.removeprefix("file://")
-        found = sorted(glob.glob(os.path.join(glob.escape(local), "**", "*"), recursive=True)) if os.path.isdir(local) else []
+        found = (
+            sorted(glob.glob(os.path.join(glob.escape(local), "**", "*"), recursive=True))
+            if os.path.isdir(local)
+            else []
+        )
     return [p for p in found if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
 
 
@@ -119,8 +123,9 @@ def _shard_items(url: str, require_images: bool, s3: S3Section | None) -> Iterat
                 if require_images or not sample.get("caption"):
                     return None
                 return Item(0, url, sample["key"], None, None, sample["caption"], sample.get("attrs", {}), False)
-            return Item(0, url, sample["key"], member.offset_data, member.size, sample.get("caption"),
-                        sample.get("attrs", {}))
+            return Item(
+                0, url, sample["key"], member.offset_data, member.size, sample.get("caption"), sample.get("attrs", {})
+            )
 
         for member in tar:
             if not member.isfile():
@@ -155,7 +160,11 @@ def _sidecar(path: str, ext: str, s3: S3Section | None) -> str | None:
 
 
 def list_items(
-    spec: str | list[str], limit: int | None = None, *, need_captions: bool = False, require_images: bool = True,
+    spec: str | list[str],
+    limit: int | None = None,
+    *,
+    need_captions: bool = False,
+    require_images: bool = True,
     s3: S3Section | None = None,
 ) -> list[Item]:
     """The first `limit` items of a source, in source order, numbered 0..n-1. With require_images=False
@@ -193,6 +202,7 @@ def list_items(
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
 
 def center_crop_resize(image: Image.Image, resolution: int | None) -> Image.Image:
     """Square centre crop, then PIL bicubic (antialiased) to resolution x resolution; None keeps the image."""

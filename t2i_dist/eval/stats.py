@@ -155,11 +155,13 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, require_full_rank: bool =
         )
     # decompose the covariance of the smaller set: its rank bounds the work of the second eigh
     small, large = (a, b) if a.count <= b.count else (b, a)
-    return frechet_distance_gaussians(small.mean(), small.covariance(), large.mean(), large.covariance(),
-                                      rank_bound=small.count - 1)
+    return frechet_distance_gaussians(
+        small.mean(), small.covariance(), large.mean(), large.covariance(), rank_bound=small.count - 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------- KID
+
 
 def kernel_inception_distance(
     real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
@@ -185,6 +187,7 @@ def kernel_inception_distance(
 
 
 # ---------------------------------------------------------------------------------------------- IS
+
 
 @dataclass
 class ClassifierStats:

@@ -41,8 +41,9 @@ STUDY_PROMPTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m t2i_dist.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m t2i_dist.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", nargs="+", required=True, help="MLflow run ids to compare")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else ./mlruns")
     p.add_argument("--out", default="report", help="output directory")
@@ -50,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="Text-to-image study: comparison")
     p.add_argument("--dataset-size", type=int, help="training samples per epoch (default: from the run's config)")
     p.add_argument("--checkpoints", nargs="+", help="one checkpoint per run (same order): fresh sample grids")
-    p.add_argument("--fresh-grids", action="store_true",
-                   help="fresh grids from each run's final checkpoint (its t2i_dist.checkpoint tag)")
+    p.add_argument(
+        "--fresh-grids",
+        action="store_true",
+        help="fresh grids from each run's final checkpoint (its t2i_dist.checkpoint tag)",
+    )
     p.add_argument("--prompts", nargs="+", default=STUDY_PROMPTS, help="prompts of the fresh grids")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt in the fresh grids")
     p.add_argument("--device", default="cpu")
@@ -72,24 +76,29 @@ def fresh_grid(checkpoint: str, prompts: list[str], per_prompt: int, device: str
     return png_bytes_of_grid(images, len(prompts)), seconds
 
 
-def grid_figures(runs: list[RunSummary], args: argparse.Namespace,
-                 checkpoints: list[str] | None) -> tuple[list[Figure], dict[str, float]]:
+def grid_figures(
+    runs: list[RunSummary], args: argparse.Namespace, checkpoints: list[str] | None
+) -> tuple[list[Figure], dict[str, float]]:
     figures, generation = [], {}
     if checkpoints:
         caption = "columns: " + " | ".join(args.prompts) + f"; rows: seeds 0..{args.seeds - 1}"
         for run, checkpoint in zip(runs, checkpoints, strict=True):
             png, seconds = fresh_grid(checkpoint, args.prompts, args.seeds, args.device)
             generation[run.run_id] = seconds
-            figures.append(Figure(f"Samples: {run.name} ({run.family})", f"samples_{run.run_id[:8]}.png",
-                                  enlarge(png), caption))
+            figures.append(
+                Figure(f"Samples: {run.name} ({run.family})", f"samples_{run.run_id[:8]}.png", enlarge(png), caption)
+            )
         return figures, generation
     for run in runs:
         if run.grid_png is None:
             continue
         prompts = run.sample_prompts
         caption = f"step {run.grid_step}" + ("; columns: " + " | ".join(prompts) if prompts else "")
-        figures.append(Figure(f"Samples: {run.name} ({run.family})", f"samples_{run.run_id[:8]}.png",
-                              enlarge(run.grid_png), caption))
+        figures.append(
+            Figure(
+                f"Samples: {run.name} ({run.family})", f"samples_{run.run_id[:8]}.png", enlarge(run.grid_png), caption
+            )
+        )
     return figures, generation
 
 
@@ -106,22 +115,28 @@ def checkpoints_of(runs: list[RunSummary], args: argparse.Namespace) -> list[str
 
 def build_report(runs: list[RunSummary], args: argparse.Namespace) -> Report:
     grids, generation = grid_figures(runs, args, checkpoints_of(runs, args))
-    report = Report(args.title, [
-        training_table(runs, args.dataset_size),
-        size_speed_table(runs, generation),
-        quality_table(runs),
-    ])
-    curves = [curve_figure(runs, "loss", "Training loss", "curve_loss.png"),
-              curve_figure(runs, "eval/fid", "FID during training", "curve_fid.png"),
-              curve_figure(runs, "eval/alignment", "Text alignment during training", "curve_alignment.png")]
+    report = Report(
+        args.title,
+        [
+            training_table(runs, args.dataset_size),
+            size_speed_table(runs, generation),
+            quality_table(runs),
+        ],
+    )
+    curves = [
+        curve_figure(runs, "loss", "Training loss", "curve_loss.png"),
+        curve_figure(runs, "eval/fid", "FID during training", "curve_fid.png"),
+        curve_figure(runs, "eval/alignment", "Text alignment during training", "curve_alignment.png"),
+    ]
     report.figures = grids + [c for c in curves if c is not None]
     return report
 
 
 def log_report(client, runs: list[RunSummary], out_dir: Path) -> str:
     experiment_id = client.get_run(runs[0].run_id).info.experiment_id
-    run = client.create_run(experiment_id, run_name="report",
-                            tags={"t2i_dist.report_of": ",".join(r.run_id for r in runs)})
+    run = client.create_run(
+        experiment_id, run_name="report", tags={"t2i_dist.report_of": ",".join(r.run_id for r in runs)}
+    )
     client.log_artifacts(run.info.run_id, str(out_dir), "report")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -130,8 +145,10 @@ def log_report(client, runs: list[RunSummary], out_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.checkpoints and len(args.checkpoints) != len(args.runs):
-        print(f"error: --checkpoints needs one checkpoint per run ({len(args.runs)}), got {len(args.checkpoints)}",
-              file=sys.stderr)
+        print(
+            f"error: --checkpoints needs one checkpoint per run ({len(args.runs)}), got {len(args.checkpoints)}",
+            file=sys.stderr,
+        )
         return 2
     from t2i_dist.tracking import client_for, resolve_tracking_uri
 

@@ -62,31 +62,61 @@ def fmt_millions(n: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------------- tables
 
+
 def training_table(runs: list[RunSummary], dataset_size: int | None) -> Table:
     rows = []
     for r in runs:
         size = r.dataset_size(dataset_size)
-        rows.append([r.name, r.family, fmt(r.param_int("cluster.num_workers")), fmt(r.global_batch), fmt(r.steps),
-                     fmt(r.epochs(size)), fmt_seconds(r.seconds_per_epoch(size)), fmt(r.img_per_s, 1),
-                     fmt_seconds(r.wall_seconds)])
+        rows.append(
+            [
+                r.name,
+                r.family,
+                fmt(r.param_int("cluster.num_workers")),
+                fmt(r.global_batch),
+                fmt(r.steps),
+                fmt(r.epochs(size)),
+                fmt_seconds(r.seconds_per_epoch(size)),
+                fmt(r.img_per_s, 1),
+                fmt_seconds(r.wall_seconds),
+            ]
+        )
     note = "epoch = data set size / global batch; time per epoch = data set size / median img/s"
-    return Table("Training", ["run", "model", "workers", "batch size", "steps", "epochs", "time per epoch",
-                              "img/s", "wall time"], rows, note)
+    return Table(
+        "Training",
+        ["run", "model", "workers", "batch size", "steps", "epochs", "time per epoch", "img/s", "wall time"],
+        rows,
+        note,
+    )
 
 
 def size_speed_table(runs: list[RunSummary], generation: dict[str, float]) -> Table:
     rows = []
     for r in runs:
-        seconds = generation.get(r.run_id, r.metrics.get("sample/seconds_per_image", r.metrics.get("eval/seconds_per_image")))
-        rows.append([r.name, r.family, fmt_millions(r.metrics.get("params/total")),
-                     fmt_millions(r.metrics.get("params/trainable")), fmt(seconds, 3)])
-    return Table("Size and speed", ["run", "model", "total parameters", "trainable parameters",
-                                    "generation s/image"], rows)
+        seconds = generation.get(
+            r.run_id, r.metrics.get("sample/seconds_per_image", r.metrics.get("eval/seconds_per_image"))
+        )
+        rows.append(
+            [
+                r.name,
+                r.family,
+                fmt_millions(r.metrics.get("params/total")),
+                fmt_millions(r.metrics.get("params/trainable")),
+                fmt(seconds, 3),
+            ]
+        )
+    return Table(
+        "Size and speed", ["run", "model", "total parameters", "trainable parameters", "generation s/image"], rows
+    )
 
 
-QUALITY_COLUMNS = [("FID", "eval/fid", 2), ("KID", "eval/kid", 4), ("IS", "eval/is", 2),
-                   ("text alignment", "eval/alignment", 3), ("alignment FID", "eval/alignment_fid", 2),
-                   ("CLIP score", "eval/clip_score", 2)]
+QUALITY_COLUMNS = [
+    ("FID", "eval/fid", 2),
+    ("KID", "eval/kid", 4),
+    ("IS", "eval/is", 2),
+    ("text alignment", "eval/alignment", 3),
+    ("alignment FID", "eval/alignment_fid", 2),
+    ("CLIP score", "eval/clip_score", 2),
+]
 
 
 def _int(value: float | None) -> int | None:
@@ -94,8 +124,15 @@ def _int(value: float | None) -> int | None:
 
 
 def quality_table(runs: list[RunSummary]) -> Table:
-    rows = [[r.name, r.family, *[fmt(r.metrics.get(key), d) for _, key, d in QUALITY_COLUMNS],
-             fmt(_int(r.metrics.get("eval/num_samples", r.metrics.get("eval/num_fake"))))] for r in runs]
+    rows = [
+        [
+            r.name,
+            r.family,
+            *[fmt(r.metrics.get(key), d) for _, key, d in QUALITY_COLUMNS],
+            fmt(_int(r.metrics.get("eval/num_samples", r.metrics.get("eval/num_fake")))),
+        ]
+        for r in runs
+    ]
     # the real images' own scores: the ceiling for IS, alignment and CLIP score (FID/KID of real vs real = 0)
     real: dict[str, float] = {}
     for r in runs:
@@ -104,13 +141,24 @@ def quality_table(runs: list[RunSummary]) -> Table:
             if value is not None:
                 real.setdefault(key, value)
     if real:
-        rows.append(["real images", "–", *[fmt(real.get(key), d) if key in real else MISSING
-                                            for _, key, d in QUALITY_COLUMNS], MISSING])
-    return Table("Quality", ["run", "model", *[name for name, _, _ in QUALITY_COLUMNS], "samples"], rows,
-                 "last logged evaluation of each run; a FID from fewer samples than 2,048 is biased upward")
+        rows.append(
+            [
+                "real images",
+                "–",
+                *[fmt(real.get(key), d) if key in real else MISSING for _, key, d in QUALITY_COLUMNS],
+                MISSING,
+            ]
+        )
+    return Table(
+        "Quality",
+        ["run", "model", *[name for name, _, _ in QUALITY_COLUMNS], "samples"],
+        rows,
+        "last logged evaluation of each run; a FID from fewer samples than 2,048 is biased upward",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- figures
+
 
 def enlarge(png: bytes, min_width: int = 512) -> bytes:
     """Nearest-neighbour upscaling of small grids (32 px samples would be stamps in a page)."""
@@ -153,9 +201,14 @@ def curve_figure(runs: list[RunSummary], key: str, title: str, filename: str) ->
 
 # ---------------------------------------------------------------------------------------------- output
 
+
 def _markdown_table(table: Table) -> str:
-    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |",
-             "|" + "|".join("---" for _ in table.header) + "|"]
+    lines = [
+        f"## {table.title}",
+        "",
+        "| " + " | ".join(table.header) + " |",
+        "|" + "|".join("---" for _ in table.header) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in table.rows]
     if table.note:
         lines += ["", f"_{table.note}_"]

@@ -41,8 +41,10 @@ class RunSummary:
         direct = self.param_int("global_batch_size")
         if direct:
             return direct
-        parts = [self.param_int(k) for k in ("deepspeed.micro_batch_size", "deepspeed.grad_accum_steps",
-                                             "cluster.num_workers")]
+        parts = [
+            self.param_int(k)
+            for k in ("deepspeed.micro_batch_size", "deepspeed.grad_accum_steps", "cluster.num_workers")
+        ]
         return math.prod(parts) if all(parts) else None  # type: ignore[arg-type]
 
     @property

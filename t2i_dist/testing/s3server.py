@@ -52,8 +52,13 @@ class S3Server:
     def client(self, key_id: str = DUMMY_KEY_ID, secret: str = DUMMY_SECRET, service: str = "s3") -> Any:
         import boto3  # a test/bench dependency (moto[server]), not one of the package's
 
-        return boto3.client(service, endpoint_url=self.endpoint_url, aws_access_key_id=key_id,
-                            aws_secret_access_key=secret, region_name=REGION)
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name=REGION,
+        )
 
     # -- process ---------------------------------------------------------------------------------------
     @property

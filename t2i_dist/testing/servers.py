@@ -51,8 +51,14 @@ def start_server(
             tries.append(f"port {use} in use")
         else:
             with open(log_path, "ab") as log:  # the child keeps its own descriptor
-                proc = subprocess.Popen(command(use), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    command(use),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
             while proc.poll() is None:
                 if answers(use):
                     return proc, use

@@ -42,11 +42,13 @@ class MetricsLog(Component):
         means = {k: self.window.get(k, float("nan")) / max(1, self.window_steps) for k in outcome.metrics}
         metrics = dist.mean_across_ranks(means, loop.device)
         self.window, self.window_steps = {}, 0
-        metrics.update({
-            "img_per_s": self.meter.img_per_s,
-            "data_wait_fraction": self.meter.data_wait_fraction,
-            "nonfinite_steps": float(loop.nonfinite_total),
-        })
+        metrics.update(
+            {
+                "img_per_s": self.meter.img_per_s,
+                "data_wait_fraction": self.meter.data_wait_fraction,
+                "nonfinite_steps": float(loop.nonfinite_total),
+            }
+        )
         for name, engine in loop.engines.items():
             metrics[f"lr/{name}"] = engine.lr()
             metrics[f"grad_norm/{name}"] = engine.grad_norm()

@@ -47,4 +47,6 @@ class SampleGrids(Component):
         diversity = prompt_diversity(images, t.samples_per_prompt, len(t.sample_prompts))
         loop.log_metrics({"sample/seconds_per_image": seconds, "sample/diversity": diversity}, loop.step)
         if loop.tracker:
-            loop.tracker.log_image(png_bytes_of_grid(images, len(t.sample_prompts)), f"samples/step_{loop.step:06d}.png")
+            loop.tracker.log_image(
+                png_bytes_of_grid(images, len(t.sample_prompts)), f"samples/step_{loop.step:06d}.png"
+            )

@@ -55,8 +55,10 @@ class GALIPConfig(FamilyConfig):
 
     def check_compatible(self, cfg: Config) -> None:
         if cfg.deepspeed.compile:
-            raise ValueError("deepspeed.compile is supported for the ldm family only (GALIP's gradient penalty takes "
-                             "a double backward through the discriminator); set deepspeed.compile=false")
+            raise ValueError(
+                "deepspeed.compile is supported for the ldm family only (GALIP's gradient penalty takes "
+                "a double backward through the discriminator); set deepspeed.compile=false"
+            )
         if self.discriminator_stage(cfg) == 3:
             raise ValueError(
                 "GALIP's discriminator cannot use ZeRO stage 3: the matching-aware gradient penalty needs a double "
@@ -64,22 +66,29 @@ class GALIPConfig(FamilyConfig):
                 "0, 1 or 2, or keep stage 3 for the generator and set model.discriminator_zero_stage=2"
             )
         if cfg.data.format != "images":
-            raise ValueError("GALIP trains on pixels (its discriminator reads CLIP features of real images): "
-                             "set data.format=images")
+            raise ValueError(
+                "GALIP trains on pixels (its discriminator reads CLIP features of real images): set data.format=images"
+            )
         res = cfg.data.resolution
         if res < 16 or res & (res - 1):
-            raise ValueError(f"GALIP's image generator doubles its size per block: data.resolution must be a power "
-                             f"of two >= 16 (64, 128, 256), got {res}")
+            raise ValueError(
+                f"GALIP's image generator doubles its size per block: data.resolution must be a power "
+                f"of two >= 16 (64, 128, 256), got {res}"
+            )
         if cfg.deepspeed.micro_batch_size < 2:
-            raise ValueError("GALIP's mismatched-text negatives pair each image with another sample's caption: "
-                             "deepspeed.micro_batch_size must be >= 2")
+            raise ValueError(
+                "GALIP's mismatched-text negatives pair each image with another sample's caption: "
+                "deepspeed.micro_batch_size must be >= 2"
+            )
         depth = clip_vision_depth(self.clip.name)
         if depth is not None:
             for key in ("prompt_blocks", "feature_layers"):
                 bad = [i for i in getattr(self, key) if i >= depth]
                 if bad:
-                    raise ValueError(f"model.{key} {bad} out of range: CLIP {self.clip.name!r} has {depth} vision "
-                                     f"blocks (indices 0..{depth - 1})")
+                    raise ValueError(
+                        f"model.{key} {bad} out of range: CLIP {self.clip.name!r} has {depth} vision "
+                        f"blocks (indices 0..{depth - 1})"
+                    )
 
     def summary(self) -> dict[str, Any]:
         return {"family": "galip", "clip": self.clip.name, "clip_weights": self.clip.pretrained or "random"}

@@ -19,8 +19,9 @@ class ClipFeatureExtractor(nn.Module):
 
     def __init__(self, clip_width: int, num_layers: int, out_channels: int):
         super().__init__()
-        self.blocks = nn.ModuleList(DBlock(clip_width, clip_width, takes_clip_features=True)
-                                    for _ in range(num_layers - 1))
+        self.blocks = nn.ModuleList(
+            DBlock(clip_width, clip_width, takes_clip_features=True) for _ in range(num_layers - 1)
+        )
         self.main = DBlock(clip_width, out_channels, takes_clip_features=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

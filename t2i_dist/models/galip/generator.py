@@ -72,7 +72,8 @@ class ImageGenerator(nn.Module):
         self.from_clip = nn.Conv2d(clip_width, channels[0], 5, 1, 2)
         sizes = [8 * 2**i for i in range(len(channels) - 1)]
         self.blocks = nn.ModuleList(
-            GBlock(cond_dim, c_in, c_out, size) for c_in, c_out, size in zip(channels[:-1], channels[1:], sizes, strict=True)
+            GBlock(cond_dim, c_in, c_out, size)
+            for c_in, c_out, size in zip(channels[:-1], channels[1:], sizes, strict=True)
         )
         self.to_rgb = nn.Conv2d(channels[-1], 3, 3, 1, 1)
 
@@ -97,6 +98,8 @@ class MateGenerator(nn.Module):
         """Noise (B, noise_dim) and CLIP sentence vectors (B, D) -> images (B, 3, R, R), roughly in [-1, 1]."""
         cond = torch.cat([noise, sentence.to(noise.dtype)], dim=1)
         bridge = self.bridge(noise, cond)
-        tokens, _ = vision.run_blocks(vision.tokens_from_grid(bridge), prompts=self.prompts.by_block(self.prompts(cond)))
+        tokens, _ = vision.run_blocks(
+            vision.tokens_from_grid(bridge), prompts=self.prompts.by_block(self.prompts(cond))
+        )
         clip_map = vision.grid_from_tokens(tokens)
         return self.image(bridge + self.clip_weight * clip_map, cond)

@@ -50,8 +50,13 @@ class DiscriminatorTerms:
     mismatch: torch.Tensor
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {"loss_d": self.loss.detach(), "ma_gp": self.penalty.detach(), "d_real": self.real.detach(),
-                "d_fake": self.fake.detach(), "d_mismatch": self.mismatch.detach()}
+        return {
+            "loss_d": self.loss.detach(),
+            "ma_gp": self.penalty.detach(),
+            "d_real": self.real.detach(),
+            "d_fake": self.fake.detach(),
+            "d_mismatch": self.mismatch.detach(),
+        }
 
 
 def discriminator_loss(
@@ -90,8 +95,9 @@ def clip_similarity(image_embedding: torch.Tensor, sentence: torch.Tensor) -> to
     return F.cosine_similarity(image_embedding.float(), sentence.float(), dim=-1).mean()
 
 
-def generator_loss(scores: torch.Tensor, image_embedding: torch.Tensor, sentence: torch.Tensor,
-                   clip_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def generator_loss(
+    scores: torch.Tensor, image_embedding: torch.Tensor, sentence: torch.Tensor, clip_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """G loss = -mean D score - clip_weight * cos(CLIP image embedding, sentence); returns (loss, similarity)."""
     similarity = clip_similarity(image_embedding, sentence)
     return -scores.float().mean() - clip_weight * similarity, similarity

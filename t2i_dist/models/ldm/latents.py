@@ -26,6 +26,7 @@ MANIFEST_FORMAT = "t2i_dist.latents/1"
 
 # ---------------------------------------------------------------------------------------------- manifest
 
+
 def weights_digest(module: nn.Module) -> str:
     """sha1 of a module's state (names, dtypes, shapes, bytes): equal only for identical frozen weights."""
     digest = hashlib.sha1()
@@ -69,8 +70,10 @@ def read_manifest(directory: str, data: DataSection) -> dict[str, Any] | None:
 
 
 def _remake_hint(cfg: Config) -> str:
-    return (f"re-encode the images for this config: python -m t2i_dist.precompute --config <this config> "
-            f"--images <image shards> --out <new directory>, then point data.urls at it (run {cfg.run.name!r})")
+    return (
+        f"re-encode the images for this config: python -m t2i_dist.precompute --config <this config> "
+        f"--images <image shards> --out <new directory>, then point data.urls at it (run {cfg.run.name!r})"
+    )
 
 
 def _differences(recorded: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
@@ -101,14 +104,20 @@ def check_latent_config(cfg: Config, shards: list[str] | None = None) -> list[di
         if manifest is None:
             raise DataError(
                 f"data.format=latents but {directory} has no {MANIFEST_NAME}: these shards were not written by "
-                f"t2i_dist.precompute, so nothing says which VAE and text encoder made them; {_remake_hint(cfg)}")
+                f"t2i_dist.precompute, so nothing says which VAE and text encoder made them; {_remake_hint(cfg)}"
+            )
         if manifest.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"{directory}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected "
-                            f"{MANIFEST_FORMAT!r}; {_remake_hint(cfg)}")
+            raise DataError(
+                f"{directory}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected "
+                f"{MANIFEST_FORMAT!r}; {_remake_hint(cfg)}"
+            )
         diffs = _differences(manifest.get("identity", {}), wanted)
         if diffs:
-            raise DataError(f"latent shards in {directory} do not match this run's model: " + "; ".join(diffs)
-                            + f". {_remake_hint(cfg)}")
+            raise DataError(
+                f"latent shards in {directory} do not match this run's model: "
+                + "; ".join(diffs)
+                + f". {_remake_hint(cfg)}"
+            )
         manifests.append(manifest)
     return manifests
 
@@ -132,28 +141,45 @@ def check_latent_model(plugin: Any, batch_latents: torch.Tensor, batch_hidden: t
     cfg = plugin.cfg
     expected = [plugin.latent_channels, plugin.latent_size, plugin.latent_size]
     if list(batch_latents.shape[1:]) != expected:
-        raise DataError(f"latent shards hold latents of shape {list(batch_latents.shape[1:])} but this model "
-                        f"works on {expected}; {_remake_hint(cfg)}")
+        raise DataError(
+            f"latent shards hold latents of shape {list(batch_latents.shape[1:])} but this model "
+            f"works on {expected}; {_remake_hint(cfg)}"
+        )
     if batch_hidden is None or batch_hidden.shape[-1] != plugin.text_encoder.width:
         got = None if batch_hidden is None else list(batch_hidden.shape[1:])
-        raise DataError(f"latent shards hold text states of shape {got} but this model's text encoder has width "
-                        f"{plugin.text_encoder.width}; {_remake_hint(cfg)}")
+        raise DataError(
+            f"latent shards hold text states of shape {got} but this model's text encoder has width "
+            f"{plugin.text_encoder.width}; {_remake_hint(cfg)}"
+        )
     shards = shards_seen_here(cfg)
     if shards is None:
-        log.info("data.urls %s does not resolve from %s; the shards' record is checked on the driver",
-                 cfg.data.urls, os.getcwd())
+        log.info(
+            "data.urls %s does not resolve from %s; the shards' record is checked on the driver",
+            cfg.data.urls,
+            os.getcwd(),
+        )
         return
     vae_sha1, text_sha1 = weights_digest(plugin.vae), weights_digest(plugin.text_encoder)
     for manifest in check_latent_config(cfg, shards):
         where = manifest.get("out", "the latent shards")
         if manifest.get("scaling_factor") != plugin.latent_scale:
-            raise DataError(f"{where}: latents were scaled by {manifest.get('scaling_factor')} but this VAE uses "
-                            f"{plugin.latent_scale}; {_remake_hint(cfg)}")
+            raise DataError(
+                f"{where}: latents were scaled by {manifest.get('scaling_factor')} but this VAE uses "
+                f"{plugin.latent_scale}; {_remake_hint(cfg)}"
+            )
         if manifest.get("vae_sha1") != vae_sha1 or manifest.get("text_sha1") != text_sha1:
-            which = [n for n, a, b in (("VAE", manifest.get("vae_sha1"), vae_sha1),
-                                       ("text encoder", manifest.get("text_sha1"), text_sha1)) if a != b]
-            raise DataError(f"{where}: the frozen {' and '.join(which)} weights differ from the ones that encoded "
-                            f"the shards (same names, other weights); {_remake_hint(cfg)}")
+            which = [
+                n
+                for n, a, b in (
+                    ("VAE", manifest.get("vae_sha1"), vae_sha1),
+                    ("text encoder", manifest.get("text_sha1"), text_sha1),
+                )
+                if a != b
+            ]
+            raise DataError(
+                f"{where}: the frozen {' and '.join(which)} weights differ from the ones that encoded "
+                f"the shards (same names, other weights); {_remake_hint(cfg)}"
+            )
 
 
 def encoder_record(plugin: Any) -> dict[str, Any]:
