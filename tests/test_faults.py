@@ -300,6 +300,7 @@ def preemption_runs(ray_cluster, faulty_shards, tmp_path_factory) -> Iterator[Pr
         "run.checkpoint_every=1000",
         "run.max_failures=0",
         "run.preemption_grace_s=120",
+        "run.preemption_poll_s=2",  # launch 2 stops through the driver's request file: look for it often
     ]
     env = {**os.environ, **{k: v for k, v in SECRETS.items() if k.isupper()}, "T2I_FAULT_MARKER_DIR": str(markers)}
     env.pop("MLFLOW_TRACKING_URI", None)

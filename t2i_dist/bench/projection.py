@@ -12,6 +12,7 @@ then generator step), with the DeepSpeed engines replaced by plain modules for t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +100,10 @@ def ldm_flops(cfg: Config) -> tuple[float, float]:
 
 
 class CountingEngine:
-    """The part of a DeepSpeed engine the plug-ins use, in plain PyTorch, for counting FLOPs on meta tensors."""
+    """What a plug-in uses of its engines (models.base.TrainedEngine), in plain PyTorch, for counting FLOPs on
+    meta tensors: no finite check (meta tensors have no values), no partitioning."""
+
+    partitioned = False
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
@@ -107,11 +111,13 @@ class CountingEngine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
         loss.backward()
-
-    def step(self) -> None:
         self.module.zero_grad(set_to_none=True)
+        return True
+
+    def gathered(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
 
 def galip_flops(cfg: Config) -> float:

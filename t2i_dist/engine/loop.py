@@ -21,6 +21,8 @@ import math
 import time
 from typing import Any
 
+import torch
+
 from t2i_dist import dist
 from t2i_dist.config import Config
 from t2i_dist.engine import checkpoint as ckpt
@@ -71,8 +73,11 @@ class TrainLoop:
         assert built.loader is not None
         self.plugin, self.engines, self.counts, self.loader = built.plugin, built.engines, built.counts, built.loader
         info = ctx.run_info
-        self.tracker = (Tracker(info["tracking_uri"], info["mlflow_run_id"], info["fallback_dir"])
-                        if self.rank == 0 and info.get("mlflow_run_id") else None)
+        self.tracker = (
+            Tracker(info["tracking_uri"], info["mlflow_run_id"], info["fallback_dir"])
+            if self.rank == 0 and info.get("mlflow_run_id")
+            else None
+        )
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self.nonfinite = NonFiniteGuard(cfg.run.max_nonfinite_steps)
@@ -109,7 +114,8 @@ class TrainLoop:
             if directory is None:
                 return
             state, data_state = ckpt.restore_checkpoint(
-                directory, self.engines, self.plugin, rank=self.rank, world_size=self.world)
+                directory, self.engines, self.plugin, rank=self.rank, world_size=self.world
+            )
         self.step = state["step"]
         if data_state is not None:
             self.loader.load_state_dict(data_state)
@@ -123,8 +129,14 @@ class TrainLoop:
         directory = ckpt.new_local_dir()
         try:
             ckpt.write_checkpoint(
-                directory, self.engines, self.plugin, rank=self.rank, world_size=self.world, step=self.step,
-                data_state=self.loader.state_dict(), config=self.cfg.to_dict(),
+                directory,
+                self.engines,
+                self.plugin,
+                rank=self.rank,
+                world_size=self.world,
+                step=self.step,
+                data_state=self.loader.state_dict(),
+                config=self.cfg.to_dict(),
                 run_info={"mlflow_run_id": self.ctx.run_info.get("mlflow_run_id")},
                 before_manifest=self.faults.save_hook(self) if self.faults else None,
             )
@@ -136,7 +148,9 @@ class TrainLoop:
     # -- the loop ----------------------------------------------------------------------------------------
     def train_one_step(self, data: Any) -> StepOutcome:
         accum = self.cfg.deepspeed.grad_accum_steps
-        sums: dict[str, float] = {}
+        # per-micro-batch metrics stay tensors where they were computed (float() on a GPU tensor waits for the
+        # GPU: one stall per metric per micro-batch); float64 sums, converted once per step below
+        sums: dict[str, torch.Tensor] = {}
         wait = 0.0
         skipped_before = sum(e.skipped_steps for e in self.engines.values())
         for _ in range(accum):
@@ -147,25 +161,29 @@ class TrainLoop:
                 component.before_micro_batch(self, self.step + 1, batch)
             out = self.plugin.train_step(batch, self.step + 1)
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+                v = torch.as_tensor(v).detach().to(self.device, torch.float64) / accum
+                sums[k] = sums[k] + v if k in sums else v
         self.step += 1
         self.plugin.after_optimizer_step(self.step)
+        metrics = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True)) if sums else {}
         # a step is lost when a loss was non-finite on some rank (the engine skipped it) or when DeepSpeed
         # found non-finite gradients (it skipped the optimizer step; counted per engine)
         overflowed = sum(e.skipped_steps for e in self.engines.values()) > skipped_before
-        local = {"nonfinite": overflowed or not math.isfinite(sums["loss"])}
+        local = {"nonfinite": overflowed or not math.isfinite(metrics["loss"])}
         for component in self.components:
             local.update(component.flags(self))
         names = sorted(local)
         agreed = dict(zip(names, dist.any_rank([local[n] for n in names], self.device), strict=True))
         nonfinite = agreed.pop("nonfinite")
         self.nonfinite.update(nonfinite)
-        return StepOutcome(self.step, sums, wait, nonfinite, agreed)
+        return StepOutcome(self.step, metrics, wait, nonfinite, agreed)
 
     def run(self) -> None:
         cfg, p = self.cfg, self.ctx.placement
-        self.say(f"precision {p.precision} ({p.reason}); backend {p.backend}; ZeRO stage "
-                 f"{cfg.deepspeed.zero_stage}; {self.world} workers")
+        self.say(
+            f"precision {p.precision} ({p.reason}); backend {p.backend}; ZeRO stage "
+            f"{cfg.deepspeed.zero_stage}; {self.world} workers"
+        )
         self.say("parameters: " + ", ".join(f"{k.split('/')[-1]} {v / 1e6:.2f}M" for k, v in self.counts.items()))
         self.restore()
         for component in self.components:

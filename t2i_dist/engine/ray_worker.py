@@ -62,11 +62,22 @@ def node_draining() -> bool:
 
 def ray_context(cfg: Any, run_info: dict[str, Any]) -> RunContext:
     ctx = ray.train.get_context()
-    placement = prepare_process(cfg, ctx.get_local_rank())
+    device = None
+    if cfg.cluster.use_gpu:
+        from ray.train.torch import get_device
+
+        # the GPU Ray Train assigned to this worker (CUDA_VISIBLE_DEVICES is Ray's choice), not cuda:local_rank
+        device = get_device()
+    placement = prepare_process(cfg, ctx.get_local_rank(), device)
     return RunContext(
-        rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
-        placement=placement, sink=RayCheckpointSink(run_info.get("resume")), run_info=run_info,
-        node_draining=node_draining, install_sigterm=install_sigterm_through_actor,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        placement=placement,
+        sink=RayCheckpointSink(run_info.get("resume")),
+        run_info=run_info,
+        node_draining=node_draining,
+        install_sigterm=install_sigterm_through_actor,
     )
 
 

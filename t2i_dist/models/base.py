@@ -79,8 +79,9 @@ class TrainedEngine(Protocol):
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def backward_and_step(self, loss: torch.Tensor) -> bool:
-        """backward + optimizer step, unless the loss is non-finite on any rank: then every rank skips this
-        micro-batch together (collectives stay matched) and False is returned."""
+        """backward + optimizer step, unless the loss is non-finite on any rank: then every rank drops this
+        micro-batch together (collectives stay matched) and False is returned. Without gradient accumulation
+        the step is skipped; with it, the other micro-batches of the step still update the weights."""
         ...
 
     def gathered(self) -> AbstractContextManager[object]:

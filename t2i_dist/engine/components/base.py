@@ -49,7 +49,9 @@ class StepOutcome:
     step: int
     metrics: dict[str, float]  # this rank's per-step means over its micro-batches (loss, ...)
     data_wait_s: float
-    nonfinite: bool  # some rank's loss, or some engine's gradients, were non-finite: no update was made
+    nonfinite: (
+        bool  # some rank's loss, or some engine's gradients, were non-finite: a micro-batch (or the step) was dropped
+    )
     flags: dict[str, bool] = field(default_factory=dict)  # components' flags, OR-ed over ranks
 
     @property

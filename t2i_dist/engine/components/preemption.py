@@ -14,7 +14,6 @@ from t2i_dist.engine.context import SIGTERM_RECEIVED
 from t2i_dist.storage import filesystem
 
 log = logging.getLogger(__name__)
-PREEMPTION_POLL_S = 2.0  # how often rank 0 looks for the driver's preemption request
 
 
 class Preemption(Component):
@@ -24,9 +23,12 @@ class Preemption(Component):
         # one rank looks for the request file; the agreement tells the rest
         self.request_url = loop.ctx.run_info.get("preemption_request") if loop.rank == 0 else None
         self.s3 = loop.cfg.data.s3
+        # run.preemption_poll_s: each look is a storage call (an S3 request on s3:// runs) and each drain
+        # question a call to Ray, both in the step; a SIGTERM to a worker is seen at the next step regardless
+        self.poll_s = loop.cfg.run.preemption_poll_s
         self._next_poll = 0.0
         self._file_seen = False
-        self._next_drain_poll = time.monotonic() + PREEMPTION_POLL_S if loop.rank == 0 else math.inf
+        self._next_drain_poll = time.monotonic() + self.poll_s if loop.rank == 0 else math.inf
         self.drain_checkpointed = False
 
     def start(self, loop: Loop) -> None:
@@ -37,7 +39,7 @@ class Preemption(Component):
         if SIGTERM_RECEIVED.is_set() or self._file_seen:
             return True
         if self.request_url and time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + PREEMPTION_POLL_S
+            self._next_poll = time.monotonic() + self.poll_s
             try:
                 fs, path = filesystem(self.request_url, self.s3)
                 self._file_seen = fs.exists(path)
@@ -49,7 +51,7 @@ class Preemption(Component):
         """Rank 0 decides when to ask about drains; every rank then asks in the same step."""
         if self.drain_checkpointed or time.monotonic() < self._next_drain_poll:
             return False
-        self._next_drain_poll = time.monotonic() + PREEMPTION_POLL_S
+        self._next_drain_poll = time.monotonic() + self.poll_s
         return True
 
     def flags(self, loop: Loop) -> dict[str, bool]:

@@ -27,8 +27,6 @@ from t2i_dist.models.galip.vision import ClipVision
 
 
 class GALIPPlugin(ModelPlugin):
-    family = "galip"
-
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device, dtype)
         m: GALIPConfig = cfg.model  # type: ignore[assignment]
@@ -45,7 +43,8 @@ class GALIPPlugin(ModelPlugin):
             v, sentence_dim = self.vision, self.text_encoder.embed_dim
             self.generator_net = MateGenerator(m, sentence_dim, v.width, v.grid, cfg.data.resolution)
             self.discriminator_net = MateDiscriminator(m, v.width, v.grid, sentence_dim)
-        for module in (self.text_encoder, self.vision, self.generator_net, self.discriminator_net):
+        # the whole CLIP (its unused logit scale too), so that every tensor the plug-in keeps is on the device
+        for module in (self.clip_model, self.text_encoder, self.vision, self.generator_net, self.discriminator_net):
             module.to(device)
         self._micro_step = (-1, 0)  # (step, micro-batch index within it) for per-call noise seeds
         self._sampling_net: MateGenerator | None = None  # gathered copy when ZeRO-3 partitions Mate-G
@@ -61,8 +60,9 @@ class GALIPPlugin(ModelPlugin):
     def trainables(self) -> dict[str, Trainable]:
         m, eps = self.m, self.cfg.optim.eps
         return {
-            "discriminator": Trainable(self.discriminator_net, lr=m.lr_d, betas=m.betas, eps=eps,
-                                       zero_stage=m.discriminator_stage(self.cfg)),
+            "discriminator": Trainable(
+                self.discriminator_net, lr=m.lr_d, betas=m.betas, eps=eps, zero_stage=m.discriminator_stage(self.cfg)
+            ),
             "generator": Trainable(self.generator_net, lr=m.lr_g, betas=m.betas, eps=eps),
         }
 
@@ -84,13 +84,16 @@ class GALIPPlugin(ModelPlugin):
         d_engine, g_engine = self.engines["discriminator"], self.engines["generator"]
         m, taps, dt = self.m, self.m.feature_layers, self.dtype
         images = batch.images.to(self.device, torch.float32)
-        sentence = self.text_encoder(batch.captions)["pooled"].to(dt)
+        # the frozen text encoder under autocast on a GPU (it ran fp32 there); CPUs keep fp32 (faster there)
+        with mixed_precision(self.device, dt) if self.device.type == "cuda" else contextlib.nullcontext():
+            sentence = self.text_encoder(batch.captions)["pooled"].to(dt)
         noise = self._noise(len(batch), step).to(dt)
         with mixed_precision(self.device, dt):
             with torch.no_grad():
                 real, _ = self.vision.encode(images, taps, with_embedding=False)
             fake_images = g_engine(noise, sentence, self.vision)
             fake, fake_embedding = self.vision.encode(fake_images, taps, with_embedding=True)
+            assert fake_embedding is not None  # asked for with_embedding
             d = discriminator_loss(d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p)
         # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
         d_engine.backward_and_step(d.loss)
@@ -122,8 +125,9 @@ class GALIPPlugin(ModelPlugin):
     def _refresh_sampling_snapshot(self) -> None:
         if not self._generator_partitioned():
             return
-        snapshot = self._sampling_net or MateGenerator(self.m, self.text_encoder.embed_dim, self.vision.width,
-                                                       self.vision.grid, self.cfg.data.resolution)
+        snapshot = self._sampling_net or MateGenerator(
+            self.m, self.text_encoder.embed_dim, self.vision.width, self.vision.grid, self.cfg.data.resolution
+        )
         snapshot.load_state_dict(self._generator_state())
         self._sampling_net = snapshot.to(self.device).eval().requires_grad_(False)
 
@@ -134,7 +138,7 @@ class GALIPPlugin(ModelPlugin):
             state["clip"] = {k: v.detach().cpu().clone() for k, v in self.clip_model.state_dict().items()}
         return state
 
-    def load_inference_state(self, state: dict[str, Any]) -> None:
+    def load_inference_state(self, state: dict[str, Any]) -> None:  # type: ignore[override]  # takes only its FamilySpec options (the registry checks them)
         self.generator_net.load_state_dict(state["generator"])
         if "clip" in state:
             self.clip_model.load_state_dict(state["clip"])
@@ -144,8 +148,10 @@ class GALIPPlugin(ModelPlugin):
         if not self._generator_partitioned():
             return self.generator_net  # the engine's module while training (DeepSpeed wraps it in place)
         if self._sampling_net is None:
-            raise RuntimeError("Mate-G is partitioned by ZeRO-3 and no gathered snapshot exists yet: call "
-                               "before_sampling on every rank first")
+            raise RuntimeError(
+                "Mate-G is partitioned by ZeRO-3 and no gathered snapshot exists yet: call "
+                "before_sampling on every rank first"
+            )
         return self._sampling_net
 
     @torch.no_grad()
@@ -158,9 +164,9 @@ class GALIPPlugin(ModelPlugin):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         net = self._net_for_sampling()
         dt = next(net.parameters()).dtype
-        noise = torch.stack([
-            torch.randn(self.m.noise_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds
-        ]).to(self.device, dt)
+        noise = torch.stack(
+            [torch.randn(self.m.noise_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        ).to(self.device, dt)
         sentence = self.text_encoder(prompts)["pooled"].to(dt)
         autocast = torch.autocast(self.device.type, dtype=dt) if dt != torch.float32 else contextlib.nullcontext()
         with autocast:

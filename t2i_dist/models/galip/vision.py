@@ -11,6 +11,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def require_batch_first(transformer: nn.Module, what: str) -> None:
+    """This code feeds open_clip's transformer blocks (B, L, D) tokens, as open_clip >= 2.26 builds them; older
+    releases build (L, B, D) blocks, which would silently attend across the batch instead of the sequence."""
+    attention = [
+        b.attn
+        for b in getattr(transformer, "resblocks", [])
+        if isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+    ]
+    if not getattr(transformer, "batch_first", False) or not all(a.batch_first for a in attention):
+        raise ValueError(
+            f"{what}: open_clip built sequence-first transformer blocks (L, B, D), but this code runs them "
+            f"batch-first (B, L, D); install open_clip_torch>=2.26 (open_clip "
+            f"{getattr(open_clip, '__version__', '?')} is installed)"
+        )
+
+
 class ClipVision(nn.Module):
     """Wraps `open_clip` `model.visual` (a plain ViT with a class token). Parameters stay frozen; gradients
     still reach the inputs. `checkpoint_blocks` recomputes each block in backward instead of storing its
@@ -26,6 +42,7 @@ class ClipVision(nn.Module):
             raise ValueError(f"GALIP needs a ViT CLIP image tower, got {type(visual).__name__}; use e.g. ViT-B-32")
         if visual.attn_pool is not None or visual.pool_type != "tok":
             raise ValueError("GALIP needs a CLIP ViT pooled by its class token (pool_type 'tok', no attention pool)")
+        require_batch_first(visual.transformer, "GALIP's CLIP ViT")
         self.visual = visual
         self.checkpoint_blocks = checkpoint_blocks
         pre = open_clip.get_model_preprocess_cfg(clip_model)
@@ -63,8 +80,9 @@ class ClipVision(nn.Module):
         x = (images + 1) / 2
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             downscaling = x.shape[-1] > self.image_size
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=downscaling)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=downscaling
+            )
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def tokens_from_grid(self, grid: torch.Tensor) -> torch.Tensor:
@@ -114,7 +132,9 @@ class ClipVision(nn.Module):
         proj = self.visual.proj
         return pooled @ proj.to(pooled.dtype) if proj is not None else pooled
 
-    def encode(self, images: torch.Tensor, taps: list[int], with_embedding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, images: torch.Tensor, taps: list[int], with_embedding: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[-1, 1] images -> stacked tap features (B, len(taps), width, g, g) and, if asked, the image embedding
         (then all blocks run; otherwise only up to the last tap)."""
         stop = None if with_embedding else max(taps) + 1

@@ -42,6 +42,12 @@ class LDMConfig(FamilyConfig):
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting; None disables")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="drop captions for classifier-free guidance")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_every: int = Field(
+        1,
+        ge=1,
+        description="update the EMA every N optimizer steps, with decay**N: one "
+        "gather of the UNet per N steps under ZeRO-3 (1: every step)",
+    )
     sampling: SamplerConfig = SamplerConfig()
 
     def check_compatible(self, cfg: Config) -> None:

@@ -3,17 +3,22 @@ text token states; DDPM training (epsilon or v), Min-SNR weighting, caption drop
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models import UNet2DConditionModel  # not from `diffusers`: mypy sees dummy classes there
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 
 from t2i_dist.batch import Batch
 from t2i_dist.config import Config
-from t2i_dist.models.base import ModelPlugin, Trainable
+from t2i_dist.models.base import ModelPlugin, Trainable, mixed_precision
 from t2i_dist.models.clip.encoders import FrozenClipText
 from t2i_dist.models.ldm.config import LDMConfig
 from t2i_dist.models.ldm.latents import check_latent_model
@@ -39,31 +44,44 @@ def build_unet(m: LDMConfig, latent_channels: int, latent_size: int, context_dim
     )
 
 
-class LDMPlugin(ModelPlugin):
-    family = "ldm"
+class StridedEMA(EMAModel):
+    """diffusers' EMA updated every `every` optimizer steps: each update uses the decay of the step it is made
+    at to the power `every`, what `every` single-step updates towards the same weights would give."""
 
+    def __init__(self, *args: Any, every: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.every = every
+
+    def get_decay(self, optimization_step: int) -> float:
+        return super().get_decay(optimization_step) ** self.every
+
+
+class LDMPlugin(ModelPlugin):
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device, dtype)
         m: LDMConfig = cfg.model  # type: ignore[assignment]
         self.m = m
         self.text_encoder = FrozenClipText(m.text, device=device)
-        self.vae = vae_lib.load_vae(m.vae).to(device)
+        self.vae = vae_lib.load_vae(m.vae).to(device)  # type: ignore[arg-type]  # diffusers types ModelMixin.to as an unbound wraps() wrapper
         self.latent_scale = vae_lib.scaling_factor(self.vae, m.vae)
         self.latent_channels = self.vae.config.latent_channels
         self.latent_size = cfg.data.resolution // vae_lib.vae_factor(self.vae)
-        self.unet = build_unet(m, self.latent_channels, self.latent_size, self.text_encoder.width)
+        # built on the CPU (one RNG for every device), then on the placement's device like every other tensor
+        # of this plug-in: the EMA below, made from these parameters, must live where DeepSpeed trains them
+        self.unet = build_unet(m, self.latent_channels, self.latent_size, self.text_encoder.width).to(device)  # type: ignore[arg-type]  # diffusers types ModelMixin.to as an unbound wraps() wrapper
         if cfg.deepspeed.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.deepspeed.compile:
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager UNet
             self.unet.compile()
         self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule,
+            num_train_timesteps=m.num_train_timesteps,
+            beta_schedule=m.beta_schedule,
             prediction_type=m.prediction_type,
         )
-        # fp32 shadow weights, made before DeepSpeed casts or partitions the UNet; foreach: one fused update
-        # over all tensors instead of a Python loop (~25 % less EMA time on CPU, same values)
-        self.ema = EMAModel(self.unet.parameters(), decay=m.ema_decay, foreach=True)
+        # fp32 shadow weights on the UNet's device, made before DeepSpeed casts or partitions the UNet; foreach:
+        # one fused update over all tensors instead of a Python loop (~25 % less EMA time on CPU, same values)
+        self.ema = StridedEMA(self.unet.parameters(), decay=m.ema_decay, foreach=True, every=m.ema_every)
         self._null_text: dict[str, torch.Tensor] | None = None
         self._latent_shards_checked = False
         self._sampling_unet: UNet2DConditionModel | None = None
@@ -81,8 +99,13 @@ class LDMPlugin(ModelPlugin):
 
     def null_text(self) -> dict[str, torch.Tensor]:
         if self._null_text is None:
-            self._null_text = self.text_encoder([""])
+            self._null_text = {k: v.float() for k, v in self.text_encoder([""]).items()}
         return self._null_text
+
+    def frozen_precision(self) -> AbstractContextManager[None]:
+        """The frozen VAE and text encoder under bf16 autocast on a GPU in a bf16 run (they ran fp32 there); on
+        CPUs bf16 is slower than fp32 (engine/precision.py), so they stay fp32."""
+        return mixed_precision(self.device, self.dtype) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def encode_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and text token states, from precomputed shards or by running the frozen encoders."""
@@ -93,14 +116,18 @@ class LDMPlugin(ModelPlugin):
                 self._latent_shards_checked = True
             latents = batch.latents.float()
         else:
-            latents = vae_lib.encode(self.vae, batch.images, self.latent_scale, self.generator_on(batch.images))
+            assert batch.images is not None  # a batch carries latents or images
+            with self.frozen_precision():
+                latents = vae_lib.encode(self.vae, batch.images, self.latent_scale, self.generator_on(batch.images))
+            latents = latents.float()
         drop = torch.rand(len(batch), generator=self.generator) < self.m.caption_dropout
         if "hidden" in batch.text:
             hidden = batch.text["hidden"].float()
             hidden = torch.where(drop.to(hidden.device)[:, None, None], self.null_text()["hidden"], hidden)
         else:
             captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
-            hidden = self.text_encoder(captions)["hidden"]
+            with self.frozen_precision():
+                hidden = self.text_encoder(captions)["hidden"].float()
         return latents, hidden
 
     def generator_on(self, like: torch.Tensor) -> torch.Generator | None:
@@ -127,7 +154,13 @@ class LDMPlugin(ModelPlugin):
         return {"loss": loss.detach()}
 
     def after_optimizer_step(self, step: int) -> None:
-        with self.engines["unet"].gathered():
+        every = self.m.ema_every
+        if step % every:
+            return
+        if every > 1:
+            # the decay's warm-up follows optimizer steps, not EMA updates
+            self.ema.optimization_step = step - 1
+        with self.engines["unet"].gathered():  # one gather of a ZeRO-3 UNet per update
             self.ema.step(list(self.unet.parameters()))
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,25 +168,30 @@ class LDMPlugin(ModelPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
-        self.ema.shadow_params = [p.float() for p in self.ema.shadow_params]
+        # a checkpoint holds CPU tensors: back to fp32 on the device the UNet trains on
+        self.ema.shadow_params = [p.to(self.device, torch.float32) for p in self.ema.shadow_params]
         if "generator" in state.get("rank", {}):
             self.generator.set_state(state["rank"]["generator"])
 
     # -- inference ---------------------------------------------------------------------------------------
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name, where they live (the device)."""
         names = [n for n, _ in self.unet.named_parameters()]
-        return {n: p.detach().float().cpu().clone() for n, p in zip(names, self.ema.shadow_params, strict=True)}
+        return dict(zip(names, self.ema.shadow_params, strict=True))
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().cpu().clone() for n, p in self.ema_tensors().items()}
 
     def inference_state(self) -> dict[str, Any]:
         with self.engines["unet"].gathered():
             raw = {k: v.detach().float().cpu().clone() for k, v in self.unet.state_dict().items()}
         return {"unet": raw, "unet_ema": self.ema_state_dict()}
 
-    def load_inference_state(self, state: dict[str, Any], use_ema: bool = True) -> None:
+    def load_inference_state(self, state: dict[str, Any], use_ema: bool = True) -> None:  # type: ignore[override]  # takes only its FamilySpec options (the registry checks them)
         weights = state["unet_ema"] if use_ema else state["unet"]
         # EMA tracks parameters only; buffers (none in this UNet today) come from the raw weights
         self.unet.load_state_dict({**state["unet"], **weights})
-        self.unet.eval()
+        self.unet.to(self.device).eval()
         self._sampling_unet = self.unet
 
     def sampling_unet(self) -> UNet2DConditionModel:
@@ -162,20 +200,28 @@ class LDMPlugin(ModelPlugin):
             return self._sampling_unet
         if self._sampling_unet is None or self._sampling_unet is self.unet:
             self._sampling_unet = build_unet(self.m, self.latent_channels, self.latent_size, self.text_encoder.width)
-            self._sampling_unet.to(self.device).eval().requires_grad_(False)
-        self._sampling_unet.load_state_dict(self.ema_state_dict(), strict=False)
+            self._sampling_unet.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # diffusers types ModelMixin.to as an unbound wraps() wrapper
+        self._sampling_unet.load_state_dict(self.ema_tensors(), strict=False)  # device to device
         return self._sampling_unet
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], sampler: str | None = None, steps: int | None = None,
-               guidance: float | None = None) -> torch.Tensor:
+    def sample(  # type: ignore[override]  # takes only its FamilySpec options (the registry checks them)
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
         s = self.m.sampling
         sampler, steps = sampler or s.sampler, steps or s.steps
         guidance = s.guidance if guidance is None else guidance
         if sampler == "ddpm":
             # DDPM draws fresh noise every step from one generator: run images one by one so each image
             # depends on its own seed only
-            return torch.cat([self._sample(sampler, steps, guidance, [p], [sd]) for p, sd in zip(prompts, seeds, strict=True)])
+            return torch.cat(
+                [self._sample(sampler, steps, guidance, [p], [sd]) for p, sd in zip(prompts, seeds, strict=True)]
+            )
         return self._sample(sampler, steps, guidance, prompts, seeds)
 
     def _sample(self, sampler: str, steps: int, guidance: float, prompts: list[str], seeds: list[int]):
