@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -327,6 +328,21 @@ def format_validation_error(exc: ValidationError, raw: dict[str, Any], families:
             msg = f"bad value for '{key}': {err['msg']} (got {shown})"
         lines.append(msg)
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+# `scheme://user:password@` in any string value (tracking URIs, S3 endpoints)
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def without_url_credentials(obj: Any) -> Any:
+    """Every string with `scheme://user:password@host` gets `scheme://***@host` (recursively in dicts and lists)."""
+    if isinstance(obj, str):
+        return URL_USERINFO.sub(r"\g<scheme>***@", obj)
+    if isinstance(obj, dict):
+        return {k: without_url_credentials(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [without_url_credentials(v) for v in obj]
+    return obj
 
 
 def redact(obj: Any) -> Any:

@@ -19,6 +19,11 @@ def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's own random stream (noise, dropout, data order): the run seed, apart per rank."""
+    return seed * 1000 + rank
+
+
 def backend_for(configured: str, use_gpu: bool) -> str:
     """torch.distributed backend: the configured one, or nccl on GPUs and gloo on CPUs for `auto`."""
     return configured if configured != "auto" else ("nccl" if use_gpu else "gloo")

@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from t2i_dist.config import Config, flatten, redact
+from t2i_dist.config import Config, flatten, redact, without_url_credentials
 from t2i_dist.dist import backend_for
-from t2i_dist.ray_env import URL_USERINFO, forwarded_env, forwarded_secrets
+from t2i_dist.ray_env import forwarded_env, forwarded_secrets
 from t2i_dist.tracking import create_run, local_store_uri, resolve_tracking_uri
 
 log = logging.getLogger("t2i_dist.launch")
@@ -80,17 +80,6 @@ def tracking_reachable(uri: str, timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def without_url_credentials(obj: Any) -> Any:
-    """Every string with `scheme://user:password@host` gets `scheme://***@host` (recursively in dicts and lists)."""
-    if isinstance(obj, str):
-        return URL_USERINFO.sub(r"\g<scheme>***@", obj)
-    if isinstance(obj, dict):
-        return {k: without_url_credentials(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [without_url_credentials(v) for v in obj]
-    return obj
 
 
 def loggable_config(cfg: Config) -> dict[str, Any]:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
-from t2i_dist.config import Config
+from t2i_dist.config import URL_USERINFO, Config
 
 # environment the workers need when the driver joins a remote cluster (their raylet's env is not ours)
 FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "T2I_", "HF_", "S3_")
 # forwarded variables whose value is a credential: they must not travel in Ray's runtime_env, which Ray's
 # runtime-env agent writes to its log in full
 SECRET_NAME_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
-URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?P<userinfo>[^/@\s]+)@")
 
 
 def connect_ray(cfg: Config) -> None:

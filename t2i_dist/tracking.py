@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from t2i_dist.config import without_url_credentials
+
 log = logging.getLogger(__name__)
 
 # The MLflow client's own retries would block training for minutes while a server is down; we retry
@@ -132,7 +134,12 @@ class Tracker:
         with path.open("a") as fh:
             for item in leftover:
                 fh.write(json.dumps(_to_json(item)) + "\n")
-        log.warning("MLflow at %s was unreachable: %d records saved to %s", _safe(self.uri), len(leftover), path)
+        log.warning(
+            "MLflow at %s was unreachable: %d records saved to %s",
+            without_url_credentials(self.uri),
+            len(leftover),
+            path,
+        )
         return path
 
     # -- sender side ------------------------------------------------------------------------------------
@@ -206,11 +213,3 @@ def _to_json(item: _Item) -> dict[str, Any]:
     if item.kind == "image":
         return {"kind": "image", "artifact_file": item.payload[1], "bytes": len(item.payload[0])}
     return {"kind": item.kind, "payload": item.payload}
-
-
-def _safe(uri: str) -> str:
-    """A URI without user:password."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from t2i_dist import dist
 from t2i_dist.config import Config
 from t2i_dist.data.shards import ShardLoader
 from t2i_dist.engine.engines import TrainedNetwork, build_engines
@@ -38,7 +39,7 @@ def build_training(
     counts = parameter_counts(plugin)
     engines = build_engines(cfg, placement, plugin.trainables())
     plugin.attach_engines(dict(engines))
-    torch.manual_seed(cfg.run.seed * 1000 + rank)
+    torch.manual_seed(dist.rank_seed(cfg.run.seed, rank))
     loader = None
     if with_loader:
         loader = ShardLoader(

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from t2i_dist import dist
 from t2i_dist.config import Config
 from t2i_dist.engine import checkpoint as ckpt
-from t2i_dist.engine import faults
 from t2i_dist.engine.build import build_training
 from t2i_dist.engine.components.base import Component, Loop, StepOutcome
 from t2i_dist.engine.components.checkpoints import Checkpoints
@@ -36,6 +36,9 @@ from t2i_dist.engine.components.preemption import Preemption
 from t2i_dist.engine.components.samples import SampleGrids
 from t2i_dist.engine.context import RunContext
 from t2i_dist.tracking import Tracker
+
+if TYPE_CHECKING:
+    from t2i_dist.engine.faults import FaultInjection
 
 log = logging.getLogger("t2i_dist.train")
 
@@ -64,6 +67,15 @@ class NonFiniteGuard(Component):
             )
 
 
+def _injected_faults() -> FaultInjection | None:
+    """The test suite's fault injection, imported only when a T2I_FAULT_* variable asks for it."""
+    if not any(k.startswith("T2I_FAULT_") and v for k, v in os.environ.items()):
+        return None
+    from t2i_dist.engine.faults import FaultInjection, InjectedFaults
+
+    return FaultInjection(InjectedFaults.from_env())
+
+
 class TrainLoop:
     def __init__(self, cfg: Config, ctx: RunContext):
         self.cfg = cfg
@@ -81,7 +93,7 @@ class TrainLoop:
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self.nonfinite = NonFiniteGuard(cfg.run.max_nonfinite_steps)
-        self.faults = faults.FaultInjection(faults.InjectedFaults.from_env()) if faults.requested() else None
+        self.faults = _injected_faults()
         self.components = self.default_components()
 
     def default_components(self) -> list[Component]:

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 
+from t2i_dist import dist
 from t2i_dist.batch import Batch
 from t2i_dist.config import Config
 from t2i_dist.models.base import ModelPlugin, Trainable, mixed_precision
@@ -86,8 +87,7 @@ class LDMPlugin(ModelPlugin):
         self._latent_shards_checked = False
         self._sampling_unet: UNet2DConditionModel | None = None
         # each rank draws its own noise, timesteps and caption dropout
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
+        self.generator = torch.Generator().manual_seed(dist.rank_seed(cfg.run.seed, dist.rank()))
 
     # -- training --------------------------------------------------------------------------------------
     def trainables(self) -> dict[str, Trainable]:
