@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 
 import pytest
@@ -107,6 +109,21 @@ class _RetryWatch(logging.Handler):
             self.first_retry.set()
 
 
+@contextmanager
+def watching_retries() -> Iterator[_RetryWatch]:
+    """The S3 reader's warnings, collected while the block runs."""
+    watch = _RetryWatch()
+    s3_log = logging.getLogger("t2i_dist.storage")
+    s3_log.addHandler(watch)
+    level = s3_log.level
+    s3_log.setLevel(logging.WARNING)
+    try:
+        yield watch
+    finally:
+        s3_log.removeHandler(watch)
+        s3_log.setLevel(level)
+
+
 def test_outage_mid_stream_recovers_with_the_same_batches(s3, bucket_url, local_shards):
     """The server goes down between two shards and stays down until the reader has retried once; it then
     comes back (emptied, then refilled). The outage is tied to the retry, not to a clock, so retries inside
@@ -116,20 +133,14 @@ def test_outage_mid_stream_recovers_with_the_same_batches(s3, bucket_url, local_
     stream = iter(loader)
     got = list(islice(stream, 2))  # 8 of the first shard's 12 samples; the next shard is opened later
 
-    watch = _RetryWatch()
-    s3_log = logging.getLogger("t2i_dist.storage")
-    s3_log.addHandler(watch)
-    level = s3_log.level
-    s3_log.setLevel(logging.WARNING)
-    s3.stop()
-    restart = threading.Thread(target=lambda: (watch.first_retry.wait(60), time.sleep(0.5), s3.start()))
-    restart.start()
-    try:
-        got += list(islice(stream, 10))
-    finally:
-        restart.join()
-        s3_log.removeHandler(watch)
-        s3_log.setLevel(level)
+    with watching_retries() as watch:
+        s3.stop()
+        restart = threading.Thread(target=lambda: (watch.first_retry.wait(60), time.sleep(0.5), s3.start()))
+        restart.start()
+        try:
+            got += list(islice(stream, 10))
+        finally:
+            restart.join()
 
     assert watch.first_retry.is_set(), f"no read failed during the outage; warnings: {watch.messages}"
     assert [b.captions for b in got] == [b.captions for b in reference]
@@ -152,23 +163,17 @@ def test_outage_inside_an_object_resumes_at_its_byte_offset(s3, tmp_path):
     blob = os.urandom(3 * READ_BLOCK_BYTES + 12345)
     (folder / "object.bin").write_bytes(blob)
     url = s3.upload_dir(folder, "large") + "/object.bin"
-    watch = _RetryWatch()
-    s3_log = logging.getLogger("t2i_dist.storage")
-    s3_log.addHandler(watch)
-    level = s3_log.level
-    s3_log.setLevel(logging.WARNING)
-    restart = threading.Thread(target=lambda: (watch.first_retry.wait(60), time.sleep(0.5), s3.start()))
-    try:
-        with open_url(url, s3=S3Section(retries=8)) as reader:
-            head = reader.read(READ_BLOCK_BYTES + 100)  # inside the second block
-            s3.stop()
-            restart.start()
-            tail = reader.read()
-    finally:
-        if restart.ident is not None:  # started
-            restart.join()
-        s3_log.removeHandler(watch)
-        s3_log.setLevel(level)
+    with watching_retries() as watch:
+        restart = threading.Thread(target=lambda: (watch.first_retry.wait(60), time.sleep(0.5), s3.start()))
+        try:
+            with open_url(url, s3=S3Section(retries=8)) as reader:
+                head = reader.read(READ_BLOCK_BYTES + 100)  # inside the second block
+                s3.stop()
+                restart.start()
+                tail = reader.read()
+        finally:
+            if restart.ident is not None:  # started
+                restart.join()
     assert watch.first_retry.is_set(), f"no read failed during the outage; warnings: {watch.messages}"
     offsets = [int(m) for msg in watch.messages for m in re.findall(r"failed at byte (\d+)", msg)]
     assert offsets and all(len(head) <= o < len(blob) for o in offsets), offsets  # mid-object, not from 0
@@ -184,23 +189,17 @@ def test_retries_exhausted_fail_the_read_with_the_url(s3, tmp_path):
     folder.mkdir()
     (folder / "object.bin").write_bytes(b"x" * (2 * READ_BLOCK_BYTES))
     url = s3.upload_dir(folder, "gone") + "/object.bin"
-    watch = _RetryWatch()
-    s3_log = logging.getLogger("t2i_dist.storage")
-    s3_log.addHandler(watch)
-    level = s3_log.level
-    s3_log.setLevel(logging.WARNING)
-    try:
-        with open_url(url, s3=S3Section(retries=2)) as reader:
-            reader.read(1024)
-            s3.stop()
-            started = time.monotonic()
-            with pytest.raises(TRANSIENT_ERRORS):
-                reader.read()
-            elapsed = time.monotonic() - started
-    finally:
-        s3_log.removeHandler(watch)
-        s3_log.setLevel(level)
-        s3.start()
+    with watching_retries() as watch:
+        try:
+            with open_url(url, s3=S3Section(retries=2)) as reader:
+                reader.read(1024)
+                s3.stop()
+                started = time.monotonic()
+                with pytest.raises(TRANSIENT_ERRORS):
+                    reader.read()
+                elapsed = time.monotonic() - started
+        finally:
+            s3.start()
     retries = [m for m in watch.messages if "; retry " in m]
     assert [m.split("; retry ")[1].split(" ")[0] for m in retries] == ["1/2", "2/2"], watch.messages
     assert all(url in m for m in retries)
