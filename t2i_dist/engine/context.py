@@ -89,8 +89,6 @@ class LocalCheckpointSink:
         self.root = Path(root)
         self.keep = keep
         self.resume = resume
-        self.published: list[Path] = []
-        self.metrics: list[dict[str, Any]] = []
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
@@ -120,8 +118,6 @@ class LocalCheckpointSink:
                 shutil.rmtree(old, ignore_errors=True)
         if dist.initialized():
             torch_dist.barrier()
-        self.published.append(final)
-        self.metrics.append(dict(metrics))
 
 
 def local_context(

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def sample_options(family_name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The sampling options this family accepts; options it does not take are reported and dropped (GALIP
     generates in one forward pass: no sampler, steps or guidance)."""
-    accepted, ignored = family(family_name).split_options(options, family(family_name).sample_options)
+    spec = family(family_name)
+    accepted, ignored = spec.split_options(options, spec.sample_options)
     if ignored:
         log.warning("the %s family takes no %s; ignored", family_name, ", ".join(ignored))
     return accepted
