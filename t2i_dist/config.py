@@ -28,6 +28,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+TRAIN_CONFIG_HELP = (
+    "a config of the {family} family (shipped name or path) trained before this run, as a run of its own; its "
+    "exported weights are reused while that config is unchanged. A `pretrained` value takes precedence"
+)
+
+
 class ClipConfig(Section):
     """A frozen open_clip model, used by the families and by evaluation's CLIP score. `name` is an open_clip
     architecture (e.g. ViT-B-32) or a shipped tiny one (t2i-tiny-clip); `pretrained` is a local checkpoint
@@ -36,6 +42,7 @@ class ClipConfig(Section):
     name: str = "t2i-tiny-clip"
     pretrained: str | None = None
     layer: Literal["last", "penultimate"] = "last"
+    train_config: str | None = Field(None, description=TRAIN_CONFIG_HELP.format(family="clip"))
 
 
 class FamilyConfig(Section):
@@ -116,6 +123,12 @@ class SynthesizeSection(Section):
     num_samples: int = Field(2048, ge=1)
     samples_per_shard: int = Field(256, ge=1)
     image_size: int = Field(64, ge=8)
+    holdout_samples: int = Field(
+        0,
+        ge=0,
+        description="also write this many samples of another seed to `<directory>-holdout`: the held-out set "
+        "families without image generation (vae, clip) measure on when eval.captions is unset",
+    )
 
 
 class DataSection(Section):

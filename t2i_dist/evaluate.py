@@ -4,8 +4,9 @@
   python -m t2i_dist.evaluate --checkpoint PATH --captions SHARDS --num-samples N [--resolution R]
   python -m t2i_dist.evaluate --protocol coco5k-128 --checkpoint PATH --captions SHARDS
 
-Prints one JSON line: the numbers, the sample counts and the extractor. Real-image statistics are cached
-with --reference-cache DIR|s3://... (model mode: also the checkpoint's eval.reference_cache).
+Prints one JSON line: the numbers, the sample counts and the extractor; stderr gets a readable summary with
+the real images' own figures beside the generated ones. Real-image statistics are cached with
+--reference-cache DIR|s3://... (model mode: also the checkpoint's eval.reference_cache).
 """
 
 from __future__ import annotations
@@ -211,21 +212,29 @@ def build_spec(args: argparse.Namespace, protocol: Protocol, config: dict[str, A
         keep_features=not args.no_kid,
         is_splits=protocol.is_splits,
         clip=clip,
-        alignment_path=_pick(
-            args.alignment_classifier, saved.get("alignment_classifier"), _synthetic_classifier(args, config)
-        ),
+        # trained (or found in the cache) only when no classifier is given
+        alignment_path=_pick(args.alignment_classifier, saved.get("alignment_classifier"))
+        or _synthetic_classifier(args, config),
         device=args.device or "cpu",  # evaluate() sets the resolved device once the inputs are checked
     )
 
 
 def _synthetic_classifier(args: argparse.Namespace, config: dict[str, Any]) -> str | None:
     """A model trained on the synthetic data set is judged by that domain's classifier, trained on first use
-    from the caption shards and cached per data set (as in-training evaluation does)."""
-    if not (args.checkpoint and ((config.get("data") or {}).get("synthesize") or {}).get("enabled")):
+    from the run's training shards (as in-training evaluation does: held-out captions are too few to train
+    one that passes the accuracy bar) and cached by their content."""
+    data = config.get("data") or {}
+    if not (args.checkpoint and (data.get("synthesize") or {}).get("enabled")):
         return None
-    from t2i_dist.eval.alignment import ensure_classifier
+    from t2i_dist.eval.alignment_cache import ensure_classifier
+    from t2i_dist.eval.sources import SourceError, list_items
 
-    return str(ensure_classifier(None, args.captions))
+    shards = data.get("urls") or args.captions
+    try:
+        list_items(shards, 1)
+    except (SourceError, FileNotFoundError, OSError):
+        shards = args.captions  # the checkpoint came from elsewhere: its training shards are not here
+    return str(ensure_classifier(None, shards))
 
 
 def run_items(producer: Any, items: list[Item], spec: MetricSpec, args: argparse.Namespace) -> Partial:
@@ -339,6 +348,22 @@ def metric_items(result: dict[str, Any]) -> list[tuple[str, float]]:
     return out
 
 
+def summary_line(result: dict[str, Any]) -> str:
+    """`fid 41.2 · alignment colour 0.42 (real 1.00) · ...`: each generated figure beside the real images'."""
+    real = result.get("real") or {}
+
+    def figure(label: str, key: str, fmt: str) -> str:
+        return f"{label} {result[key]:{fmt}}" + (f" (real {real[key]:{fmt}})" if key in real else "")
+
+    parts = [figure(k, k, ".4g") for k in ("fid", "kid", "alignment_fid", "is", "clip_score") if k in result]
+    aligned = [k for k in result if k.startswith("alignment/")] + (["alignment"] if "alignment" in result else [])
+    for i, key in enumerate(aligned):
+        name = key.removeprefix("alignment/") if key != "alignment" else "all four"
+        parts.append(figure(("alignment " if i == 0 else "") + name, key, ".2f"))
+    parts.append(f"{result.get('num_fake')} generated, {result.get('num_real')} real images")
+    return " · ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
@@ -349,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.log_run:
         log_to_mlflow(result, args.log_run, args.tracking_uri, args.step)
+    print(summary_line(result), file=sys.stderr, flush=True)
     print(json.dumps(result), flush=True)
     return 0
 

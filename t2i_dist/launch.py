@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -297,3 +298,20 @@ class PreemptibleTrainer:
         path = Path(self.run_info.get("fallback_dir", "."), f"mlflow-unsent-{run_id}.jsonl")
         if run_id and path.is_file() and path.stat().st_mtime >= since:
             print(f"[t2i_dist] WARNING: MLflow was unreachable; unsent tracking records were saved to {path}")
+
+
+class TrainingError(RuntimeError):
+    """A run could not start (bad input: exit 2) or failed (exit 1); the message says why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str | None
+    run_dir: str
+    run_info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)

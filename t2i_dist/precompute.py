@@ -42,6 +42,7 @@ import torch
 from t2i_dist.config import Config, ConfigError, DataSection, redact
 from t2i_dist.data.errors import DataError
 from t2i_dist.eval.fanout import split_contiguous
+from t2i_dist.launch import TrainingError
 from t2i_dist.models.ldm.latents import (  # noqa: F401 - re-exported: the tool's own record and checks
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -348,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         check_trains_on_latents(cfg)
         out = output_dir(cfg, args.out)
         images = args.images[0] if args.images and len(args.images) == 1 else args.images
+        from t2i_dist.components import resolve_components
+        from t2i_dist.train import run_training
+
+        cfg = resolve_components(cfg, run_training)  # encode with the trained parts, as training will
         manifest = precompute(cfg, out, images, args.workers, args.batch_size, args.latent, args.threads)
-    except (ConfigError, DataError, FileExistsError) as exc:
+    except (ConfigError, DataError, FileExistsError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rate = manifest["samples"] / max(manifest["seconds"], 1e-9)

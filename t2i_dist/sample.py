@@ -16,6 +16,7 @@ import torch
 from t2i_dist.engine.checkpoint import CheckpointError
 from t2i_dist.engine.inference import load_plugin, sample_options
 from t2i_dist.images import prompt_seeds, save_png, to_pil_grid
+from t2i_dist.models.registry import family
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         plugin = load_plugin(args.checkpoint, args.device, use_ema=not args.no_ema)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not family(plugin.cfg.model.family).generates_images:
+        print(
+            f"error: {args.checkpoint} is a {plugin.cfg.model.family} checkpoint, which generates no images from "
+            "captions; export it with python -m t2i_dist.export",
+            file=sys.stderr,
+        )
         return 2
     prompts, seeds = prompt_seeds(args.prompt, args.num_per_prompt, args.seed)
     options = sample_options(

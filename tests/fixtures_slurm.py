@@ -19,7 +19,7 @@ def job_env() -> dict[str, str]:
 def tiny_training_args(tmp: Path, tracking_uri: str, experiment: str) -> list[str]:
     """Two one-CPU workers, two steps of the tiny config on synthetic shards made under tmp."""
     return [
-        "--config", "ldm-tiny",
+        "--config", "ldm-tiny", "model.vae.train_config=null", "model.text.train_config=null",
         "run.max_steps=2", "run.log_every=1", f"run.name={experiment}",
         "cluster.num_workers=2", "cluster.cpus_per_worker=1",
         f"cluster.storage_path={tmp / 'runs'}",

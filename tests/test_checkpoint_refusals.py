@@ -42,6 +42,8 @@ def test_resume_refuses_incomplete_local_and_s3_checkpoints(s3_env, tmp_path, wo
     common = [
         "--config",
         "ldm-tiny",
+        "model.vae.train_config=null",  # random frozen parts: no stage-0 training in this test
+        "model.text.train_config=null",
         f"data.urls={shards}",
         "data.synthesize.enabled=false",
         f"cluster.storage_path={tmp_path / 'runs'}",

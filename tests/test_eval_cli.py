@@ -157,3 +157,26 @@ def test_s3_shards_with_every_metric(s3_env, tmp_path, capsys):
     assert result["reference_cache"].startswith("s3://eval-data/refs/")
     listed = s3_env.client().list_objects_v2(Bucket="eval-data", Prefix="refs/")["Contents"]
     assert [o["Key"] for o in listed] == [result["reference_cache"].removeprefix("s3://eval-data/")]
+
+
+def test_alignment_is_printed_beside_the_real_images(monkeypatch, capsys):
+    import t2i_dist.evaluate as evaluate_module
+
+    result = {
+        "fid": 41.23,
+        "alignment": 0.1,
+        "alignment/colour": 0.42,
+        "alignment/shape": 0.3,
+        "alignment_fid": 3.5,
+        "real": {"alignment": 0.97, "alignment/colour": 1.0, "alignment/shape": 0.99},
+        "num_fake": 256,
+        "num_real": 256,
+    }
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda args: result)
+    assert main(["--real", "a", "--fake", "b"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == result  # stdout stays one JSON line
+    assert err.strip() == (
+        "fid 41.23 · alignment_fid 3.5 · alignment colour 0.42 (real 1.00) · shape 0.30 (real 0.99) · "
+        "all four 0.10 (real 0.97) · 256 generated, 256 real images"
+    )

@@ -1,7 +1,10 @@
 """Evaluation inside a torch.distributed worker group: all_reduce of the sums, lockstep generation with a
-real LDM plug-in, and the same numbers on every rank and for any world size."""
+real LDM plug-in, the same numbers on every rank and for any world size, and a refused alignment classifier
+stopping every rank rather than leaving some waiting."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
@@ -38,13 +41,10 @@ def test_all_reduce_of_partials_equals_their_merge():
         np.testing.assert_allclose(arrays["clip"], expected["clip"])
 
 
-def _eval_rank(rank: int, world: int, shards: str, cache: str) -> dict:
-    import torch
+def _config(shards: str, cache: str):
+    from t2i_dist.models.registry import load_config
 
-    from t2i_dist.eval.in_training import InTrainingEval
-    from t2i_dist.models.registry import build_plugin, load_config
-
-    cfg = load_config(
+    return load_config(
         "ldm-tiny",
         [
             f"data.urls={shards}",
@@ -54,25 +54,63 @@ def _eval_rank(rank: int, world: int, shards: str, cache: str) -> dict:
             "model.sampling.steps=2",
         ],
     )
+
+
+def _refusal(rank: int, world: int, shards: str, cache: str) -> str:
+    import torch
+
+    from t2i_dist.eval.in_training import InTrainingEval
+
+    try:
+        InTrainingEval(_config(shards, cache), rank, world, torch.device("cpu"), batch_size=2)
+    except Exception as exc:  # noqa: BLE001 - the test checks what each rank was told
+        return f"{type(exc).__name__}: {exc}"
+    return "not refused"
+
+
+def _eval_rank(rank: int, world: int, shards: str, cache: str, too_few: str | None = None) -> tuple[str, dict]:
+    import torch
+
+    from t2i_dist.eval.in_training import InTrainingEval
+    from t2i_dist.models.registry import build_plugin
+
+    refused = _refusal(rank, world, too_few, cache) if too_few else ""  # the same processes: one spawn less
+    cfg = _config(shards, cache)
     torch.manual_seed(0)  # the same random weights in every process
     plugin = build_plugin(cfg, torch.device("cpu"))
     evaluator = InTrainingEval(cfg, rank, world, torch.device("cpu"), batch_size=2)
     assert evaluator.due(10) and not evaluator.due(7)
-    return evaluator.run(plugin, 10)
+    return refused, evaluator.run(plugin, 10)
 
 
-def test_in_training_fid_is_the_same_on_every_rank_and_for_any_world_size(tmp_path, monkeypatch):
+def test_in_training_fid_is_the_same_on_every_rank_and_for_any_world_size(tmp_path, monkeypatch, alignment_probe):
+    from t2i_dist.eval.alignment_cache import default_classifier_path
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the alignment classifier's per-user cache
-    shards = tmp_path / "synthetic"
+    shards, too_few = tmp_path / "synthetic", tmp_path / "too-few"
     write_synthetic_shards(shards, 64, 32, 32, seed=0)
-    two = run_distributed(_eval_rank, world=2, args=(str(shards), str(tmp_path / "cache")))
-    assert two[0] == two[1]
-    metrics = two[0]
+    write_synthetic_shards(too_few, 64, 32, 32, seed=1)
+    # 64 samples are too few to train a trustworthy classifier: the session's one, cached for `shards`, is
+    # what rank 0 finds on first use and hands to the other rank; for `too_few` it trains one and is refused
+    cached = default_classifier_path(str(shards))
+    cached.parent.mkdir(parents=True)
+    shutil.copy(alignment_probe, cached)
+    two = run_distributed(_eval_rank, world=2, args=(str(shards), str(tmp_path / "cache"), str(too_few)))
+    # the refusal reaches every rank (none waits for rank 0's bytes), with the fix
+    (first, _), (second, _) = two
+    assert first.startswith("UnreliableClassifierError") and "data.synthesize.num_samples >= 4096" in first
+    assert second.startswith("RuntimeError: rank 0 could not provide the alignment classifier") and "0.95" in second
+    assert two[0][1] == two[1][1]
+    metrics = two[0][1]
     assert metrics["eval/num_samples"] == 6
     assert metrics["eval/fid"] > 0 and metrics["eval/alignment_fid"] > 0
     assert 0 <= metrics["eval/alignment"] <= 1
+    # the real images' alignment beside every generated figure, for the log line and the report
+    for key in ("alignment", "alignment/colour", "alignment/shape"):
+        assert f"eval/{key}" in metrics and f"eval/real/{key}" in metrics, key
+    assert metrics["eval/real/alignment/colour"] >= 0.8
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-    assert len(list((tmp_path / "home" / ".cache" / "t2i_dist").glob("alignment-*.pt"))) == 1
-    (one,) = run_distributed(_eval_rank, world=1, args=(str(shards), str(tmp_path / "cache")))
+    assert list((tmp_path / "home" / ".cache" / "t2i_dist").glob("alignment-*.pt")) == [cached]  # none refused
+    ((_, one),) = run_distributed(_eval_rank, world=1, args=(str(shards), str(tmp_path / "cache")))
     assert one["eval/fid"] == pytest.approx(metrics["eval/fid"], rel=1e-4)
     assert one["eval/alignment"] == metrics["eval/alignment"]

@@ -59,6 +59,8 @@ SECRETS = {  # marker values no run may write anywhere
 }
 # the same model, data order and seed in every run, so their first steps can be compared
 COMMON = [
+    "model.vae.train_config=null",  # random frozen parts: no stage-0 training in this test
+    "model.text.train_config=null",
     "cluster.num_workers=2",
     "deepspeed.micro_batch_size=8",
     "data.loader_workers=0",

@@ -19,6 +19,7 @@ from t2i_dist.train import main as train_main
 pytestmark = pytest.mark.slow
 
 TINY = [
+    "model.clip.train_config=null",  # random frozen CLIP: no stage-0 training in this test
     "cluster.num_workers=2",
     "deepspeed.micro_batch_size=4",
     "data.loader_workers=0",

@@ -1,6 +1,7 @@
 """The package's layers point one way and no module imports itself back, deferred imports included.
 
-    L4  entry points: train, sample, evaluate, report, precompute, bench (may use precompute)
+    L4  entry points: train (stage 0 in components), sample, evaluate, report, precompute, export, study
+        (may use train, evaluate, report), bench (may use precompute)
     L3  driver helpers: launch (may use ray_env), ray_env, params
     L2  engine (may use eval) · eval
     L1  models (may use data) · data · tracking · testing
@@ -26,6 +27,7 @@ UNITS: list[tuple[int, str]] = [
     (0, "t2i_dist.images"),
     (0, "t2i_dist.processes"),
     (0, "t2i_dist.configs"),
+    (0, "t2i_dist.studies"),
     (1, "t2i_dist.models"),
     (1, "t2i_dist.data"),
     (1, "t2i_dist.tracking"),
@@ -40,6 +42,9 @@ UNITS: list[tuple[int, str]] = [
     (4, "t2i_dist.evaluate"),
     (4, "t2i_dist.report"),
     (4, "t2i_dist.precompute"),
+    (4, "t2i_dist.export"),
+    (4, "t2i_dist.study"),
+    (4, "t2i_dist.components"),
     (4, "t2i_dist.bench"),
 ]
 # imports allowed between units of the same layer (importer, imported)
@@ -53,6 +58,14 @@ SAME_LAYER = {
     ("t2i_dist.engine", "t2i_dist.eval"),
     ("t2i_dist.launch", "t2i_dist.ray_env"),
     ("t2i_dist.bench", "t2i_dist.precompute"),
+    ("t2i_dist.train", "t2i_dist.components"),
+    ("t2i_dist.precompute", "t2i_dist.components"),
+    ("t2i_dist.precompute", "t2i_dist.train"),
+    ("t2i_dist.components", "t2i_dist.export"),
+    ("t2i_dist.study", "t2i_dist.train"),
+    ("t2i_dist.study", "t2i_dist.components"),
+    ("t2i_dist.study", "t2i_dist.evaluate"),
+    ("t2i_dist.study", "t2i_dist.report"),
 }
 
 

@@ -21,7 +21,9 @@ from t2i_dist.precompute import main as precompute_main
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ["data.synthesize.enabled=false", "deepspeed.micro_batch_size=4"]
+# random frozen parts (no stage-0 training): the latents are compared with what those encoders give
+RANDOM_PARTS = ["model.vae.train_config=null", "model.text.train_config=null"]
+OVERRIDES = ["data.synthesize.enabled=false", "deepspeed.micro_batch_size=4", *RANDOM_PARTS]
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +114,25 @@ def test_ldm_refuses_latents_of_another_model(latent_dir, tmp_path):
 
 
 def test_cli_refuses_bad_requests_and_leaves_nothing_behind(latent_dir, image_shards, tmp_path, capsys):
-    assert precompute_main(["--config", "ldm-tiny", "--images", str(image_shards), "--out", str(latent_dir)]) == 2
+    assert (
+        precompute_main(
+            ["--config", "ldm-tiny", "--images", str(image_shards), "--out", str(latent_dir), *RANDOM_PARTS]
+        )
+        == 2
+    )
     assert "already holds shards" in capsys.readouterr().err
-    assert precompute_main(["--config", "ldm-tiny-latents", "--workers", "0"]) == 2
+    assert precompute_main(["--config", "ldm-tiny-latents", "--workers", "0", *RANDOM_PARTS]) == 2
     assert "--images" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "shard-000000.tar").write_bytes(b"not a tar archive" * 100)
     out = tmp_path / "never"
-    assert precompute_main(["--config", "ldm-tiny", "--workers", "0", "--images", str(broken), "--out", str(out)]) == 2
+    assert (
+        precompute_main(
+            ["--config", "ldm-tiny", "--workers", "0", "--images", str(broken), "--out", str(out), *RANDOM_PARTS]
+        )
+        == 2
+    )
     assert "no usable image" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".never.partial*"))
 
@@ -145,6 +157,7 @@ def test_ldm_trains_from_latent_shards(ray_cluster, latent_dir, workdir):
         "model.sampling.steps=2",
         "tracking.samples_per_prompt=1",
         "run.name=from-latents",
+        *RANDOM_PARTS,
     ]
     assert train_main(args) == 0
     assert list(Path("runs/from-latents").glob("checkpoint_*"))

@@ -148,7 +148,7 @@ TINY = [
 ]
 
 
-def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, monkeypatch, capsys):
+def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, monkeypatch, capsys, alignment_probe):
     """Train a tiny LDM and a tiny GALIP, evaluate both checkpoints into their runs, then report."""
     from t2i_dist.evaluate import main as evaluate_main
     from t2i_dist.train import main as train_main
@@ -158,7 +158,9 @@ def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     client = mlflow_server.client()
     run_ids = []
-    for config, extra in (("ldm-tiny", ["model.sampling.steps=2"]), ("galip-tiny", [])):
+    # random frozen parts: no stage-0 training in this test
+    ldm_extra = ["model.vae.train_config=null", "model.text.train_config=null", "model.sampling.steps=2"]
+    for config, extra in (("ldm-tiny", ldm_extra), ("galip-tiny", ["model.clip.train_config=null"])):
         assert train_main(["--config", config, *TINY, *extra, "tracking.experiment=report-real"]) == 0
         (run,) = client.search_runs(
             [client.get_experiment_by_name("report-real").experiment_id], f"tags.mlflow.runName = '{config}'"
@@ -177,6 +179,8 @@ def test_report_from_two_tiny_real_runs(ray_cluster, mlflow_server, tmp_path, mo
                     "--workers",
                     "2",
                     *steps,
+                    "--alignment-classifier",  # 128 samples are too few to train a trustworthy one
+                    str(alignment_probe),
                     "--log-run",
                     run.info.run_id,
                     "--step",

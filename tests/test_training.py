@@ -16,6 +16,8 @@ from t2i_dist.train import main as train_main
 pytestmark = pytest.mark.slow
 
 TINY = [
+    "model.vae.train_config=null",  # random frozen parts: no stage-0 training in this test
+    "model.text.train_config=null",
     "cluster.num_workers=2",
     "deepspeed.micro_batch_size=8",
     "data.loader_workers=0",

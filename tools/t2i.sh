@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two entry points of the README; each does its own set-up.
-#   tools/t2i.sh train [train args...]   train the embedded default (tiny LDM, local Ray, local shards, local MLflow)
+#   tools/t2i.sh train [train args...]   train the embedded default (stage 0: tiny VAE + CLIP, then the tiny LDM; local Ray)
 #   tools/t2i.sh test  [pytest args...]  run the test suite (installs a pinned kubectl; Slurm/munge through apt when root)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

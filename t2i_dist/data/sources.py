@@ -215,10 +215,32 @@ def synthesis_directory(urls: str | list[str]) -> Path:
     return Path(path)
 
 
+HOLDOUT_SEED = 1  # training shards are rendered with seed 0: another seed gives other images and captions
+
+
+def holdout_directory(data: DataSection) -> Path:
+    directory = synthesis_directory(data.urls)
+    return directory.with_name(directory.name + "-holdout")
+
+
 def synthesize_if_missing(data: DataSection) -> list[str]:
     directory = synthesis_directory(data.urls)
+    cfg = data.synthesize
+    holdout = holdout_directory(data)
+    if cfg.holdout_samples and not existing_shards(holdout):
+        log.info("writing %d held-out synthetic samples to %s", cfg.holdout_samples, holdout)
+        write_synthetic_shards(holdout, cfg.holdout_samples, cfg.samples_per_shard, cfg.image_size, HOLDOUT_SEED)
     if existing_shards(directory):
         return [str(p) for p in existing_shards(directory)]
-    cfg = data.synthesize
     log.info("writing %d synthetic samples (%d px) to %s", cfg.num_samples, cfg.image_size, directory)
     return write_synthetic_shards(directory, cfg.num_samples, cfg.samples_per_shard, cfg.image_size)
+
+
+def held_out_source(data: DataSection, captions: str | None) -> tuple[str | list[str], bool]:
+    """(where held-out images come from, whether they are really held out): `captions` (eval.captions), else
+    the synthetic hold-out set, else the training shards themselves."""
+    if captions:
+        return captions, True
+    if data.synthesize.enabled and data.synthesize.holdout_samples:
+        return str(holdout_directory(data)), True
+    return data.urls, False

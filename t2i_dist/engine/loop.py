@@ -8,7 +8,9 @@ One step, on every rank:
   3. one all-reduce of agreement flags: non-finite step, and each component's flags (preemption)
   4. components' after_step, in this order (`default_components`):
        FaultInjection (only when T2I_FAULT_* is set) · Preemption (drain check) · MetricsLog (step line,
-       MLflow) · the non-finite abort · SampleGrids · InTrainingEvaluation (if eval.every) · Checkpoints
+       MLflow) · the non-finite abort · SampleGrids · InTrainingEvaluation (if eval.every) · Checkpoints;
+       a family that does not generate images (FamilySpec.generates_images) gets HeldOutMeasure in place of
+       the grids and evaluation
   5. stop when the agreed flags say so (preemption), after the checkpoint.
 After the last step: components' finish (the final sample grid); always: components' close, then the
 tracker is flushed (what was logged reaches MLflow or the fallback file).
@@ -31,10 +33,12 @@ from t2i_dist.engine.build import build_training
 from t2i_dist.engine.components.base import Component, Loop, StepOutcome
 from t2i_dist.engine.components.checkpoints import Checkpoints
 from t2i_dist.engine.components.evaluation import InTrainingEvaluation
+from t2i_dist.engine.components.held_out import HeldOutMeasure
 from t2i_dist.engine.components.metrics import MetricsLog
 from t2i_dist.engine.components.preemption import Preemption
 from t2i_dist.engine.components.samples import SampleGrids
 from t2i_dist.engine.context import RunContext
+from t2i_dist.models.registry import family
 from t2i_dist.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -97,13 +101,14 @@ class TrainLoop:
         self.components = self.default_components()
 
     def default_components(self) -> list[Component]:
+        generates = family(self.cfg.model.family).generates_images
         order: list[Component | None] = [
             self.faults,
             Preemption(self),
             MetricsLog(),
             self.nonfinite,
-            SampleGrids(),
-            InTrainingEvaluation(self) if self.cfg.eval.every else None,
+            SampleGrids() if generates else HeldOutMeasure(self.cfg),
+            InTrainingEvaluation(self) if generates and 0 < self.cfg.eval.every <= self.cfg.run.max_steps else None,
             Checkpoints(),
         ]
         return [c for c in order if c is not None]

@@ -7,7 +7,8 @@ metrics.py     what a worker accumulates (Partial), merging, the final numbers
 fanout.py      K contiguous chunks over Ray tasks, or all_reduce inside a torch.distributed group
 generation.py  images from a checkpoint with per-caption seeds
 reference.py   cached real-image statistics (.npz, local or s3://)
-alignment.py   the synthetic data set's attribute classifier (text alignment)
+alignment.py   the synthetic data set's attribute classifier (text alignment), refused below 0.95 accuracy
+alignment_cache.py  classifiers trained on first use, cached by the shards' contents
 clip_score.py  CLIP score with configured CLIP weights
 in_training.py evaluation every eval.every steps inside the training worker group
 runs.py, render.py  the report's MLflow reading and its tables/figures/HTML/Markdown

@@ -19,11 +19,12 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from t2i_dist.eval.alignment import default_classifier_path, ensure_classifier
+from t2i_dist.data.sources import held_out_source
+from t2i_dist.eval.alignment_cache import cache_dir, ensure_classifier
 from t2i_dist.eval.fanout import ImageReader, all_reduce_partial, evaluate_chunk, split_contiguous
 from t2i_dist.eval.generation import caption_seed, resize_generated
 from t2i_dist.eval.inception import ExtractorSpec
@@ -65,7 +66,7 @@ class InTrainingEval:
         self.every, self.rank, self.world = e.every, rank, world_size
         self.seed = cfg.run.seed
         self.batch_size = batch_size
-        source = e.captions or cfg.data.urls
+        source, _ = held_out_source(cfg.data, e.captions)
         self.items = list_items(source, e.num_samples, need_captions=True, s3=cfg.data.s3)
         if len(self.items) < world_size:
             raise ValueError(f"eval.num_samples={len(self.items)} is below the {world_size} workers; raise it")
@@ -78,32 +79,48 @@ class InTrainingEval:
             resolution=getattr(e, "resolution", None) or cfg.data.resolution,
             keep_features=False,
             clip=getattr(e, "clip", None),
-            alignment_path=self._alignment_classifier(cfg, source),
+            alignment_path=self._alignment_classifier(cfg),
             device=str(device),
         )
         self.spec.check()
         self.cache_dir = e.reference_cache
         self.reference: Partial | None = None
 
-    def _alignment_classifier(self, cfg: Config, source: Any) -> str | None:
+    def _alignment_classifier(self, cfg: Config) -> str | None:
         """The configured classifier; on the synthetic data set, one trained on first use by rank 0 and sent
-        to the other ranks (which may be on other nodes), so every rank judges with the same network."""
+        to the other ranks (which may be on other nodes), so every rank judges with the same network. It learns
+        from the training shards (data.urls), not the evaluation captions: a held-out set is too small to train a
+        probe that passes the accuracy bar. Rank 0's failure (a classifier refused for too few samples) reaches
+        every rank: none waits for the bytes."""
         configured = getattr(cfg.eval, "alignment_classifier", None)
         if configured or not cfg.data.synthesize.enabled:
             return configured
-        path = default_classifier_path(source)
+        if self.every > cfg.run.max_steps:
+            return None  # no evaluation falls within the run: nothing to judge, no classifier to train
+        folder = cache_dir()
+        name: str | None = None
+        error: Exception | None = None
         if self.rank == 0:
-            ensure_classifier(None, source)
+            try:
+                name = ensure_classifier(None, cfg.data.urls, s3=cfg.data.s3).name
+            except Exception as exc:  # re-raised below, once the other ranks know
+                error = exc
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            blob = [path.read_bytes() if self.rank == 0 else None]
+            blob: list[Any] = [None]
+            if self.rank == 0:
+                blob = [(str(error) if error else None, name, (folder / name).read_bytes() if name else None)]
             torch.distributed.broadcast_object_list(blob, src=0)
-            if self.rank != 0 and not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{self.rank}.tmp")
-                assert blob[0] is not None  # rank 0's bytes
-                tmp.write_bytes(blob[0])
-                tmp.replace(path)
-        return str(path)
+            failure, name, data = blob[0]
+            if self.rank != 0 and failure is not None:
+                raise RuntimeError(f"rank 0 could not provide the alignment classifier: {failure}")
+            if self.rank != 0 and not (folder / name).is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f"{name}.{self.rank}.tmp"
+                tmp.write_bytes(data)
+                tmp.replace(folder / name)
+        if error is not None:
+            raise error
+        return str(folder / cast(str, name))
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0

@@ -42,6 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -173,10 +174,23 @@ class ModelPlugin(ABC):
         """Load what inference_state produced into freshly built (non-DeepSpeed) networks; `options` are the
         family's FamilySpec.load_options."""
 
-    @abstractmethod
     def sample(self, prompts: list[str], seeds: list[int], **options: Any) -> torch.Tensor:
         """Images in [0, 1], float32, NCHW, one per (prompt, seed); deterministic given the seed. `options`
-        are the family's FamilySpec.sample_options."""
+        are the family's FamilySpec.sample_options. Families that do not generate from captions (a VAE, a
+        CLIP) say so with FamilySpec.generates_images=False and leave this out."""
+        raise NotImplementedError(f"the {self.cfg.model.family} family does not generate images from captions")
+
+    # -- families trained as components of another (FamilySpec.generates_images=False) ------------------
+    def measure(self, held_out: Batch) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The family's own measure on a fixed held-out batch (e.g. PSNR, retrieval top-1), and optionally
+        images in [0, 1] for a grid (e.g. originals above reconstructions). Called on every rank at the
+        sample-grid steps (collective under ZeRO-3); rank 0's result is logged."""
+        return {}, None
+
+    def export(self, directory: Path) -> Path:
+        """After load_inference_state: write the trained networks as an artifact another config loads by
+        path (FamilySpec.export_hint says which field); returns the path to give it."""
+        raise NotImplementedError(f"the {self.cfg.model.family} family has no standalone export")
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,8 @@ class FamilySpec:
     sample_options: tuple[str, ...] = ()  # keyword options ModelPlugin.sample accepts
     load_options: tuple[str, ...] = ()  # keyword options ModelPlugin.load_inference_state accepts
     trains_on_latents: bool = False  # can train from shards `python -m t2i_dist.precompute` writes
+    generates_images: bool = True  # False: no sample grids or FID; ModelPlugin.measure on held-out data instead
+    export_hint: str = ""  # the config field an exported artifact is given to, e.g. "model.vae.pretrained"
     description: str = ""
 
     def plugin_class(self) -> type[ModelPlugin]:

@@ -17,12 +17,12 @@ import torch
 from pydantic import Field, create_model
 
 from t2i_dist.config import Config, ConfigError, FamilyConfig, load_raw_config, validate
-from t2i_dist.models import galip, ldm
+from t2i_dist.models import clip, galip, ldm, vae
 from t2i_dist.models.base import FamilySpec, ModelPlugin
 
 log = logging.getLogger(__name__)
 
-BUILTIN: tuple[FamilySpec, ...] = (ldm.SPEC, galip.SPEC)
+BUILTIN: tuple[FamilySpec, ...] = (ldm.SPEC, galip.SPEC, vae.SPEC, clip.SPEC)
 ENTRY_POINT_GROUP = "t2i_dist.families"
 
 _registered: dict[str, FamilySpec] = {spec.name: spec for spec in BUILTIN}

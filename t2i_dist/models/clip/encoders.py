@@ -22,15 +22,21 @@ def _register_shipped_configs() -> None:
     open_clip.add_model_config(resources.files("t2i_dist.models.clip") / "configs")
 
 
-def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build (and load) an open_clip CLIP model in eval mode with gradients off ("meta" for counting)."""
+def create_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Build (and load) an open_clip CLIP model as open_clip returns it: training mode, gradients on. The one
+    loading path for frozen and trained CLIPs, so a file the clip family exports loads like any checkpoint."""
     _register_shipped_configs()
     if cfg.name not in open_clip.list_models() and not cfg.name.startswith("hf-hub:"):
         raise ValueError(
             f"unknown CLIP architecture {cfg.name!r}; use an open_clip name such as ViT-B-32 "
             f"or a shipped one: t2i-tiny-clip"
         )
-    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device)
+    return open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device)
+
+
+def load_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Build (and load) an open_clip CLIP model in eval mode with gradients off ("meta" for counting)."""
+    model = create_clip(cfg, device)
     model.eval().requires_grad_(False)
     return model
 

@@ -1,5 +1,6 @@
 """Latent diffusion: a diffusers UNet trained from scratch on frozen-VAE latents, conditioned on frozen CLIP
-text token states; DDPM training (epsilon or v), Min-SNR weighting, caption dropout for CFG, EMA."""
+text token states; DDPM training (epsilon, v or x0 prediction; L2 or L1), Min-SNR weighting, caption dropout
+for CFG, EMA."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def build_unet(m: LDMConfig, latent_channels: int, latent_size: int, context_dim
     )
 
 
+def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2024, 3.4: guidance inflates the prediction's std; blend back towards the conditional std.
+    (diffusers has this in its Stable Diffusion pipeline module, which needs transformers to import.)"""
+    if rescale == 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
+
+
 class StridedEMA(EMAModel):
     """diffusers' EMA updated every `every` optimizer steps: each update uses the decay of the step it is made
     at to the power `every`, what `every` single-step updates towards the same weights would give."""
@@ -75,10 +86,18 @@ class LDMPlugin(ModelPlugin):
         if cfg.deepspeed.compile:
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager UNet
             self.unet.compile()
+        # the samplers are built from this config: no clamping of x0 (scaled VAE latents are not in [-1, 1])
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=m.num_train_timesteps,
+            beta_start=m.beta_start,
+            beta_end=m.beta_end,
             beta_schedule=m.beta_schedule,
             prediction_type=m.prediction_type,
+            clip_sample=False,
+            thresholding=False,
+            steps_offset=1,
+            rescale_betas_zero_snr=m.zero_terminal_snr,
+            timestep_spacing=m.timestep_spacing,
         )
         # fp32 shadow weights on the UNet's device, made before DeepSpeed casts or partitions the UNet; foreach:
         # one fused update over all tensors instead of a Python loop (~25 % less EMA time on CPU, same values)
@@ -137,21 +156,42 @@ class LDMPlugin(ModelPlugin):
         engine = self.engines["unet"]
         latents, hidden = self.encode_batch(batch)
         noise = torch.randn(latents.shape, generator=self.generator_on(latents), device=latents.device)
-        timesteps = torch.randint(0, self.m.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        timesteps = self.draw_timesteps(latents.shape[0], latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.m.prediction_type == "epsilon":
             target = noise
+        elif self.m.prediction_type == "sample":
+            target = latents
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         pred = engine(noisy.to(self.dtype), timesteps, encoder_hidden_states=hidden.to(self.dtype)).sample
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        distance = F.l1_loss if self.m.loss == "l1" else F.mse_loss
+        per_sample = distance(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if self.m.min_snr_gamma is not None:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            clipped = torch.clamp(snr, max=self.m.min_snr_gamma)
-            per_sample = per_sample * (clipped / snr if self.m.prediction_type == "epsilon" else clipped / (snr + 1))
+            per_sample = per_sample * self.min_snr_weight(timesteps)
         loss = per_sample.mean()
         engine.backward_and_step(loss)
         return {"loss": loss.detach()}
+
+    def draw_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+        """Training timesteps, from the global RNG: uniform, or skewed towards 0 by `low_noise_bias`."""
+        T = self.m.num_train_timesteps
+        if self.m.low_noise_bias == 0:
+            return torch.randint(0, T, (n,), device=device)  # the uniform draw, bit for bit
+        u = torch.rand(n, device=device)
+        return (T * u ** (1 + self.m.low_noise_bias)).floor().long().clamp(max=T - 1)
+
+    def min_snr_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights: min(snr, gamma) on the x0 error, expressed in the predicted quantity's units
+        (squared, the epsilon error is the x0 error times snr, the velocity error times snr + 1)."""
+        assert self.m.min_snr_gamma is not None
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=self.m.min_snr_gamma)
+        if self.m.prediction_type == "epsilon":
+            return clipped / snr
+        if self.m.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
 
     def after_optimizer_step(self, step: int) -> None:
         every = self.m.ema_every
@@ -224,9 +264,15 @@ class LDMPlugin(ModelPlugin):
             )
         return self._sample(sampler, steps, guidance, prompts, seeds)
 
+    def sampling_scheduler(self, sampler: str) -> Any:
+        """The sampler on the training schedule; DDIM, as in Stable Diffusion, steps to the last
+        training timestep's alpha instead of 1 (the other samplers take no such option)."""
+        extra = {"set_alpha_to_one": False} if sampler == "ddim" else {}
+        return SAMPLERS[sampler].from_config(self.noise_scheduler.config, **extra)
+
     def _sample(self, sampler: str, steps: int, guidance: float, prompts: list[str], seeds: list[int]):
         unet = self.sampling_unet()
-        scheduler = SAMPLERS[sampler].from_config(self.noise_scheduler.config)
+        scheduler = self.sampling_scheduler(sampler)
         scheduler.set_timesteps(steps, device=self.device)
         shape = (self.latent_channels, self.latent_size, self.latent_size)
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -242,7 +288,8 @@ class LDMPlugin(ModelPlugin):
             pred = unet(model_in, t, encoder_hidden_states=context).sample
             if use_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
-                pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+                guided = pred_uncond + guidance * (pred_cond - pred_uncond)
+                pred = rescale_noise_cfg(guided, pred_cond, self.m.sampling.guidance_rescale)
             step_kwargs = {"generator": gens[0]} if sampler == "ddpm" else {}
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
         return vae_lib.decode(self.vae, latents, self.latent_scale).cpu()

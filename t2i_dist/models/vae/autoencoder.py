@@ -1,4 +1,5 @@
-"""The frozen KL autoencoder: loaded with diffusers (local dir or hub id), or built tiny with random weights."""
+"""The KL autoencoder: loaded with diffusers (local dir or hub id), or built with random weights; frozen for
+the latent diffusion family, trainable for the `vae` family."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ from diffusers.models import AutoencoderKL  # not `diffusers`: type checkers wou
 from t2i_dist.models.vae.config import VAEConfig
 
 
-def load_vae(cfg: VAEConfig) -> AutoencoderKL:
+def build_vae(cfg: VAEConfig, sample_size: int = 64) -> AutoencoderKL:
+    """The autoencoder as configured: `pretrained` weights, or random ones of the architecture in `cfg`; the
+    caller sets its mode and gradients."""
     if cfg.pretrained:
         # diffusers loads through accelerate (low_cpu_mem_usage): weights go straight into the modules
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder, low_cpu_mem_usage=True)
-    else:
-        n = len(cfg.block_out_channels)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.norm_num_groups,
-            sample_size=64,
-        )
+        return AutoencoderKL.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder, low_cpu_mem_usage=True)
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def load_vae(cfg: VAEConfig) -> AutoencoderKL:
+    """The frozen autoencoder: eval mode, no gradients."""
+    vae = build_vae(cfg)
     vae.eval().requires_grad_(False)
     return vae
 

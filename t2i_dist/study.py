@@ -1,0 +1,203 @@
+"""python -m t2i_dist.study --config study-tiny|study-128|PATH
+
+The whole study, one command: stage 0 (the frozen parts the runs' configs train themselves), every run of the
+study (e.g. the LDM and GALIP), one evaluation of each under the same protocol, captions and seeds (logged to
+the run in MLflow), then the report (training, size/speed and quality tables, sample grids of the same
+prompts and seeds, loss and FID curves), written to the study's `report.out` and logged to MLflow.
+
+It resumes: a finished stage is recorded in `<report.out>/study.json` with the digest of its settings and is
+reused, not redone, while those settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from t2i_dist.config import Config, ConfigError
+from t2i_dist.models.registry import family, load_config
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    protocol: str
+    captions: str = Field(description="caption + image shards: the prompts, and the real images compared with")
+    workers: int = Field(2, ge=0)
+    extra_args: list[str] = Field(default_factory=list, description="more `t2i_dist.evaluate` flags")
+
+
+class ReportSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: str
+    prompts: list[str] | None = None
+    seeds: int = Field(2, ge=1)
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str
+    runs: list[str] = Field(min_length=1, description="training configs (shipped names or paths)")
+    overrides: dict[str, list[str]] = Field(default_factory=dict, description="per run: dotted overrides")
+    evaluation: Evaluation
+    report: ReportSettings
+
+
+def shipped_studies() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("t2i_dist.studies").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_study(name_or_path: str) -> Study:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = Path(str(resources.files("t2i_dist.studies") / f"{name_or_path}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"unknown study {name_or_path!r}: pass a YAML path or one of {', '.join(shipped_studies())}")
+    try:
+        return Study.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid study {path}: {exc}") from None
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """study.json: what each finished stage produced, under the digest of the settings that produced it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, stage: str, key: str) -> dict[str, Any] | None:
+        entry = self.stages.get(stage)
+        return entry["result"] if entry and entry.get("digest") == key else None
+
+    def put(self, stage: str, key: str, result: dict[str, Any]) -> None:
+        self.stages[stage] = {"digest": key, "result": result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=2))
+        tmp.replace(self.path)
+
+
+def train_stage(cfg: Config, ledger: Ledger) -> dict[str, Any]:
+    from t2i_dist.components import resolve_components
+    from t2i_dist.train import run_training
+
+    resolved = resolve_components(cfg, run_training)  # stage 0, reused when already trained
+    key = digest(resolved.to_dict())
+    done = ledger.get(f"train/{cfg.run.name}", key)
+    if done:
+        print(f"[t2i_dist] study: reusing the finished run '{cfg.run.name}' ({done['checkpoint']})")
+        return done
+    result = run_training(resolved)
+    if not result.checkpoint or not result.run_info.get("mlflow_run_id"):
+        raise ConfigError(f"run '{cfg.run.name}' finished without a checkpoint or an MLflow run: nothing to compare")
+    record = {
+        "checkpoint": result.checkpoint,
+        "mlflow_run_id": result.run_info["mlflow_run_id"],
+        "tracking_uri": result.run_info["tracking_uri"],
+        "seconds": result.seconds,
+    }
+    ledger.put(f"train/{cfg.run.name}", key, record)
+    return record
+
+
+def evaluate_stage(name: str, trained: dict[str, Any], study: Study, ledger: Ledger) -> dict[str, Any]:
+    from t2i_dist.evaluate import build_parser, evaluate, log_to_mlflow
+
+    e = study.evaluation
+    args = build_parser().parse_args(
+        [
+            "--checkpoint", trained["checkpoint"],
+            "--protocol", e.protocol,
+            "--captions", e.captions,
+            "--workers", str(e.workers),
+            *e.extra_args,
+        ]
+    )  # fmt: skip
+    key = digest({"trained": trained, "evaluation": e.model_dump()})
+    done = ledger.get(f"evaluate/{name}", key)
+    if done:
+        print(f"[t2i_dist] study: reusing the evaluation of '{name}'")
+        return done
+    print(f"[t2i_dist] study: evaluating '{name}' ({e.protocol}, captions {e.captions})")
+    result = evaluate(args)
+    log_to_mlflow(result, trained["mlflow_run_id"], trained["tracking_uri"], step=0)
+    ledger.put(f"evaluate/{name}", key, result)
+    return result
+
+
+def summary_line(name: str, result: dict[str, Any]) -> str:
+    real = result.get("real", {})
+    parts = [f"FID {result['fid']:.2f}"] if "fid" in result else []
+    if "is" in result:
+        parts.append(f"IS {result['is']:.2f}")
+    for key in sorted(k for k in result if k.startswith("alignment/")):
+        shown = f"{key.removeprefix('alignment/')} {result[key]:.2f}"
+        parts.append(shown + (f" (real {real[key]:.2f})" if key in real else ""))
+    return f"{name}: " + ", ".join(parts)
+
+
+def run_study(study: Study, tracking_uri: str | None = None) -> Path:
+    out = Path(study.report.out)
+    ledger = Ledger(out / "study.json")
+    started = time.time()
+    trained: dict[str, dict[str, Any]] = {}
+    for run in study.runs:
+        overrides = list(study.overrides.get(run, []))
+        if tracking_uri:
+            overrides.append(f"tracking.uri={tracking_uri}")
+        cfg = load_config(run, overrides)
+        if not family(cfg.model.family).generates_images:
+            raise ConfigError(f"study run {run!r} is a {cfg.model.family} config: a study compares image generators")
+        trained[cfg.run.name] = train_stage(cfg, ledger)
+    results = {name: evaluate_stage(name, t, study, ledger) for name, t in trained.items()}
+    for name, result in results.items():
+        print("[t2i_dist] " + summary_line(name, result))
+    from t2i_dist.report.cli import main as report_main
+
+    argv = ["--runs", *(t["mlflow_run_id"] for t in trained.values())]
+    argv += ["--checkpoints", *(t["checkpoint"] for t in trained.values())]
+    argv += ["--tracking-uri", next(iter(trained.values()))["tracking_uri"], "--format", "md", "--out", str(out)]
+    argv += ["--title", study.title, "--seeds", str(study.report.seeds)]
+    if study.report.prompts:
+        argv += ["--prompts", *study.report.prompts]
+    if report_main(argv) != 0:
+        raise ConfigError("the report could not be written (see above)")
+    (out / "evaluation.json").write_text(json.dumps(results, indent=2))
+    print(f"[t2i_dist] study finished in {time.time() - started:.0f}s: {out / 'report.md'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m t2i_dist.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    shipped = ", ".join(shipped_studies())
+    parser.add_argument("--config", default="study-tiny", help=f"shipped study ({shipped}) or path")
+    parser.add_argument("--tracking-uri", help="MLflow for every run of the study (default: the runs' configs)")
+    args = parser.parse_args(argv)
+    from t2i_dist.launch import TrainingError
+
+    try:
+        study = load_study(args.config)
+        run_study(study, args.tracking_uri)
+    except (ConfigError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, TrainingError) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
