@@ -48,9 +48,9 @@ def _verified_resume(resume_arg: str | None, cfg: Config) -> str | None:
     return resume
 
 
-def run_training(cfg: Config, resume: str | None = None) -> TrainResult:
-    """One training run on Ray: preflight, MLflow run, TorchTrainer.fit. Raises TrainingError."""
-    from t2i_dist import launch, ray_env
+def check_inputs(cfg: Config) -> list[str]:
+    """The shards this run reads, after the driver's checks of data and storage (TrainingError on bad input)."""
+    from t2i_dist import launch
     from t2i_dist.data.shards import DataError, preflight
 
     try:
@@ -58,6 +58,14 @@ def run_training(cfg: Config, resume: str | None = None) -> TrainResult:
     except DataError as exc:
         raise TrainingError(str(exc), 2) from None
     launch.check_storage(cfg)
+    return shards
+
+
+def run_training(cfg: Config, resume: str | None = None) -> TrainResult:
+    """One training run on Ray: preflight, MLflow run, TorchTrainer.fit. Raises TrainingError."""
+    from t2i_dist import launch, ray_env
+
+    shards = check_inputs(cfg)
     cfg = launch.with_absolute_local_paths(cfg)
     print(
         f"[t2i_dist] {cfg.model.family} run '{cfg.run.name}': {len(shards)} shards, {cfg.cluster.num_workers} "
@@ -122,6 +130,9 @@ def train_with_components(cfg: Config, resume: str | None = None) -> TrainResult
     """Stage 0 (the frozen parts the config asks to train, reused when already trained), then the run."""
     from t2i_dist.components import resolve_components
 
+    # this run's own bad input is refused before stage 0 trains anything
+    check_inputs(cfg)
+    _verified_resume(resume, cfg)
     cfg = resolve_components(cfg, run_training)
     return run_training(cfg, resume)
 

@@ -48,6 +48,7 @@ def _config(shards: str, cache: str):
         "ldm-tiny",
         [
             f"data.urls={shards}",
+            "data.synthesize.holdout_samples=0",  # evaluate on the shards' own captions (no hold-out set here)
             "eval.every=5",
             "eval.num_samples=6",
             f"eval.reference_cache={cache}",
