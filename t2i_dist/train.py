@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m t2i_dist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="ldm-tiny", help=f"shipped name ({', '.join(shipped_configs())}) or path")
+    parser.add_argument("--config", default="ldm-shapes", help=f"shipped name ({', '.join(shipped_configs())}) or path")
     parser.add_argument("--resume", default=None, help="start from this checkpoint directory (local or s3://)")
     parser.add_argument("--dry-run", action="store_true", help="validate, print parameter counts and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.zero_stage=3")

@@ -21,8 +21,14 @@ from t2i_dist.precompute import main as precompute_main
 
 pytestmark = pytest.mark.slow
 
-# random frozen parts (no stage-0 training): the latents are compared with what those encoders give
-RANDOM_PARTS = ["model.vae.train_config=null", "model.text.train_config=null"]
+# random frozen parts (no stage-0 training), a factor-2 VAE with 4 latent channels (16x16x4 latents at 32 px):
+# the latents are compared with what those encoders give
+RANDOM_PARTS = [
+    "model.vae.train_config=null",
+    "model.text.train_config=null",
+    "model.vae.block_out_channels=[32, 64]",
+    "model.vae.latent_channels=4",
+]
 OVERRIDES = ["data.synthesize.enabled=false", "deepspeed.micro_batch_size=4", *RANDOM_PARTS]
 
 
@@ -56,7 +62,9 @@ def test_fan_out_writes_the_frozen_encoders_output(latent_dir, image_shards):
     assert not list(latent_dir.parent.glob(".*partial*")), "the temporary directory must be gone"
     manifest = json.loads((latent_dir / MANIFEST_NAME).read_text())
     assert manifest["latent"] == "mean" and manifest["dtype"] == "float16"
-    assert manifest["latent_shape"] == [4, 16, 16] and manifest["skipped"] == {}
+    vae = load_config("ldm-tiny", OVERRIDES).model.vae
+    side = 32 // 2 ** (len(vae.block_out_channels) - 1)  # 32 px images through the config's VAE factor
+    assert manifest["latent_shape"] == [vae.latent_channels, side, side] and manifest["skipped"] == {}
 
     source = sorted(image_shards.glob("*.tar"))[1]
     written = list(shard_items(str(latent_dir / "shard-000001.tar")))

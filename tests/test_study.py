@@ -22,7 +22,7 @@ def test_bad_studies_are_refused_with_the_reason(tmp_path, capsys):
     assert main(["--config", "no-such-study"]) == 2
     assert "unknown study 'no-such-study'" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("title: x\nruns: [ldm-tiny]\nevaluation: {protocol: synthetic-tiny}\nreport: {out: r}\n")
+    bad.write_text("title: x\nruns: [ldm-shapes]\nevaluation: {protocol: synthetic-tiny}\nreport: {out: r}\n")
     with pytest.raises(ConfigError, match="captions"):
         load_study(str(bad))
     only_vae = tmp_path / "vae.yaml"
