@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,14 @@ class MlflowServer:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.uri)
+
+    def only_run_histories(self, experiment: str, keys: tuple[str, ...]) -> tuple[Any, dict[str, list[tuple]]]:
+        """The one run of `experiment` and, per metric key, its (step, value) history in step order."""
+        client = self.client()
+        [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return run, {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) for key in keys
+        }
 
 
 def _healthy(port: int) -> bool:

@@ -189,12 +189,7 @@ def test_clip_tiny_trains_on_ray_and_exports_what_ldm_and_galip_load(ray_cluster
     tracking = [f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}"]
     assert train_main(["--config", "clip-tiny", *E2E, *tracking]) == 0  # synthesizes data/synthetic{,-holdout}
 
-    client = mlflow_server.client()
-    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    history = {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        for key in (*TOP1, "held_out/chance", "loss", "logit_scale")
-    }
+    _, history = mlflow_server.only_run_histories(experiment, (*TOP1, "held_out/chance", "loss", "logit_scale"))
     [chance] = {v for _, v in history["held_out/chance"]}  # one held-out batch, one chance level
     for key in TOP1:
         top1 = history[key]

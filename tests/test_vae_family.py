@@ -115,12 +115,10 @@ def test_vae_tiny_trains_on_ray_and_exports_what_latent_diffusion_loads(ray_clus
     tracking = [f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}"]
     assert train_main(["--config", "vae-tiny", *E2E, *tracking]) == 0  # synthesizes data/synthetic{,-holdout}
 
+    run, history = mlflow_server.only_run_histories(
+        experiment, ("held_out/psnr", "held_out/latent_std", "loss_rec", "loss_kl")
+    )
     client = mlflow_server.client()
-    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    history = {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        for key in ("held_out/psnr", "held_out/latent_std", "loss_rec", "loss_kl")
-    }
     psnr = history["held_out/psnr"]
     assert [s for s, _ in psnr] == [0, 15, 30] and psnr[-1][1] > psnr[0][1] + 3, psnr  # dB
     assert [s for s, _ in history["loss_rec"]] == [10, 20, 30]
