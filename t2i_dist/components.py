@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from t2i_dist.config import ClipConfig, Config, ConfigError
+from t2i_dist.launch import storage_uri
 from t2i_dist.models.registry import load_config
 from t2i_dist.models.vae.config import VAEConfig
 
@@ -36,7 +37,7 @@ class Component:
 
     @property
     def export_dir(self) -> Path:
-        return Path(self.cfg.cluster.storage_path).resolve() / self.cfg.run.name / "export"
+        return Path(storage_uri(self.cfg)) / self.cfg.run.name / "export"  # local: remote ones are refused
 
     @property
     def digest(self) -> str:

@@ -138,17 +138,6 @@ def evaluate_stage(name: str, trained: dict[str, Any], study: Study, ledger: Led
     return result
 
 
-def summary_line(name: str, result: dict[str, Any]) -> str:
-    real = result.get("real", {})
-    parts = [f"FID {result['fid']:.2f}"] if "fid" in result else []
-    if "is" in result:
-        parts.append(f"IS {result['is']:.2f}")
-    for key in sorted(k for k in result if k.startswith("alignment/")):
-        shown = f"{key.removeprefix('alignment/')} {result[key]:.2f}"
-        parts.append(shown + (f" (real {real[key]:.2f})" if key in real else ""))
-    return f"{name}: " + ", ".join(parts)
-
-
 def run_study(study: Study, tracking_uri: str | None = None) -> Path:
     out = Path(study.report.out)
     ledger = Ledger(out / "study.json")
@@ -163,8 +152,10 @@ def run_study(study: Study, tracking_uri: str | None = None) -> Path:
             raise ConfigError(f"study run {run!r} is a {cfg.model.family} config: a study compares image generators")
         trained[cfg.run.name] = train_stage(cfg, ledger)
     results = {name: evaluate_stage(name, t, study, ledger) for name, t in trained.items()}
+    from t2i_dist.evaluate import summary_line
+
     for name, result in results.items():
-        print("[t2i_dist] " + summary_line(name, result))
+        print(f"[t2i_dist] {name}: {summary_line(result)}")
     from t2i_dist.report.cli import main as report_main
 
     argv = ["--runs", *(t["mlflow_run_id"] for t in trained.values())]
