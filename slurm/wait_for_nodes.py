@@ -38,8 +38,11 @@ def main() -> int:
             problem = f"{type(exc).__name__}: {exc}"
             ray.shutdown()
         time.sleep(2)
-    print(f"[t2i_dist slurm] error: Ray cluster at {args.address} not ready after {args.timeout:.0f}s "
-          f"({problem}); see the ray_node.sh output above", file=sys.stderr)
+    print(
+        f"[t2i_dist slurm] error: Ray cluster at {args.address} not ready after {args.timeout:.0f}s "
+        f"({problem}); see the ray_node.sh output above",
+        file=sys.stderr,
+    )
     return 1
 
 

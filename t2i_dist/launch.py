@@ -230,6 +230,7 @@ class PreemptibleTrainer:
         self.cfg = cfg
         self.run_info = run_info
         self.preempted = False
+        self.stopped_by_signal: int | None = None  # the driver stops without waiting for the workers
         self._grace_timer: threading.Timer | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -247,7 +248,10 @@ class PreemptibleTrainer:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.preempted:
-            raise SystemExit(128 + signum)  # asked again (or the grace period ran out): stop now
+            # asked again (or the grace period ran out): stop now. Raised inside Ray's wait for the
+            # workers, which hands on any SystemExit as exit code 1: fit() restores this one's
+            self.stopped_by_signal = signum
+            raise SystemExit(128 + signum)
         self.preempted = True
         grace = self.cfg.run.preemption_grace_s
         print(
@@ -277,6 +281,16 @@ class PreemptibleTrainer:
         started = time.time()
         try:
             result = self.trainer.fit()
+        except SystemExit:
+            if self.stopped_by_signal is None:
+                raise
+            run_dir = self.request_url.rsplit("/", 1)[0]
+            print(
+                f"[t2i_dist] stopped by SIGTERM before the workers checkpointed; relaunch the same command to "
+                f"resume from the last checkpoint under {run_dir}",
+                flush=True,
+            )
+            raise SystemExit(128 + self.stopped_by_signal) from None
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()

@@ -76,6 +76,7 @@ def run_training(cfg: Config, resume: str | None = None) -> TrainResult:
     run_info = launch.start_tracking(cfg, run_dir)
     # workers get the resolved list: their working directory is not the driver's
     run_info["shards"] = [s if "://" in s else os.path.abspath(s) for s in shards]
+    run_info["run_dir"] = run_dir  # where a restarted worker group looks when Ray hands back no checkpoint
     if resume:
         run_info["resume"] = resume
     ray_env.connect_ray(cfg)

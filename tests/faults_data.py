@@ -49,3 +49,19 @@ def write_faulty_shards(out_dir: Path, seed: int = 0) -> dict[str, str]:
     raw = cut.read_bytes()
     truncated.write_bytes(raw[: len(raw) // 2 + 700])
     return {"mixed": paths[-1], "truncated": str(truncated)}
+
+
+def write_mostly_bad_shards(out_dir: Path, shards: int = 8, good_per_shard: int = 1, seed: int = 0) -> list[str]:
+    """Shards where all but `good_per_shard` of every PER_SHARD samples are bad (undecodable images and
+    missing captions, alternately): far above any sane data.max_skip_fraction."""
+    good = list(synthetic_samples(shards * good_per_shard, 32, seed))
+    samples = []
+    for s in range(shards):
+        samples += good[s * good_per_shard : (s + 1) * good_per_shard]
+        for i in range(PER_SHARD - good_per_shard):
+            key = f"bad-{s:02d}-{i:02d}"
+            if i % 2:
+                samples.append({"__key__": key, "png": good[0]["png"]})
+            else:
+                samples.append({"__key__": key, "png": b"\x89PNG\r\n\x1a\n noise", "txt": "broken bytes"})
+    return write_shards(samples, out_dir, PER_SHARD)

@@ -74,3 +74,34 @@ def test_resume_refuses_incomplete_local_and_s3_checkpoints(s3_env, tmp_path, wo
         assert "inference.pt is missing or truncated" in str(exc)
     else:
         raise AssertionError("a truncated remote file passed verification")
+
+
+def _checkpoint(directory, step: int, world_size: int = 2):
+    """A checkpoint with every rank's manifest (complete), at `step`."""
+    _partial_checkpoint(directory, world_size)
+    (directory / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world_size}))
+    listed = json.loads((directory / "manifest" / "rank0.json").read_text())
+    listed["files"]["trainer_state.json"]["size"] = (directory / "trainer_state.json").stat().st_size
+    for rank in range(world_size):
+        (directory / "manifest" / f"rank{rank}.json").write_text(json.dumps(listed))
+    return directory
+
+
+def test_a_restart_finds_the_newest_complete_checkpoint_of_the_run(s3_env, tmp_path):
+    from t2i_dist.engine.checkpoint import newest_complete_checkpoint
+
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoint_2026-12-02_05-35-01.000000", step=4)
+    _checkpoint(run / "checkpoint_2026-12-02_05-34-59.000000", step=2)
+    _partial_checkpoint(run / "checkpoint_2026-12-02_05-35-09.000000")  # step 8's save, interrupted
+    (run / "checkpoint_2026-12-02_05-35-09.000000" / "trainer_state.json").write_text('{"step": 8, "world_size": 2}')
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert newest_complete_checkpoint(str(run)) == str(run / "checkpoint_2026-12-02_05-35-01.000000")
+    assert newest_complete_checkpoint(str(tmp_path / "no-run")) is None
+
+    bucket = s3_env.create_bucket("restarts")
+    client = s3_env.client()
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        client.upload_file(str(path), "restarts", f"runs/crash/{path.relative_to(run)}")
+    found = newest_complete_checkpoint(f"{bucket}/runs/crash")
+    assert found == f"{bucket}/runs/crash/checkpoint_2026-12-02_05-35-01.000000"

@@ -149,7 +149,9 @@ def test_s3_shards_with_every_metric(s3_env, tmp_path, capsys):
     # 20 images in the protocol's 10 splits: 2 per split, so IS is not 1 by construction
     expected = _independent_metrics(tmp_path / "real", tmp_path / "fake", head, clip, splits=10)
     assert result["fid"] == pytest.approx(expected["fid"], rel=1e-6)
-    assert result["kid"] == pytest.approx(expected["kid"], rel=1e-6, abs=1e-9)
+    # KID is a small difference of O(1) kernel means: float32 feature noise of ~1e-8 there is ~1e-6 of KID; a
+    # wrong estimator (biased, subsets mis-drawn) moves it by percents
+    assert result["kid"] == pytest.approx(expected["kid"], rel=1e-4)
     assert result["is"] == pytest.approx(expected["is"], rel=1e-6)
     assert result["is"] > 1.0001  # distinct predictions within a split
     assert result["clip_score"] == pytest.approx(expected["clip_score"], rel=1e-4, abs=1e-4)
@@ -177,6 +179,27 @@ def test_alignment_is_printed_beside_the_real_images(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out) == result  # stdout stays one JSON line
     assert err.strip() == (
+        "fid 41.23 · alignment_fid 3.5 · alignment colour 0.42 (real 1.00) · shape 0.30 (real 0.99) · "
+        "all four 0.10 (real 0.97) · 256 generated, 256 real images"
+    )
+
+
+def test_training_says_its_evaluation_in_the_same_line():
+    from t2i_dist.eval.summary import result_of_logged, summary_line
+
+    logged = {
+        "eval/fid": 41.23,
+        "eval/alignment_fid": 3.5,
+        "eval/alignment/colour": 0.42,
+        "eval/alignment/shape": 0.3,
+        "eval/alignment": 0.1,
+        "eval/real/alignment/colour": 1.0,
+        "eval/real/alignment/shape": 0.99,
+        "eval/real/alignment": 0.97,
+        "eval/num_samples": 256.0,
+        "loss": 0.3,
+    }
+    assert summary_line(result_of_logged(logged)) == (
         "fid 41.23 · alignment_fid 3.5 · alignment colour 0.42 (real 1.00) · shape 0.30 (real 0.99) · "
         "all four 0.10 (real 0.97) · 256 generated, 256 real images"
     )

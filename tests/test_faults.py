@@ -1,11 +1,16 @@
 """Faults produced for real on real components (2 Ray Train workers, DeepSpeed, a moto S3 server, mlflow
-servers), each followed by what the system promises. Three runs carry all faults, to keep fits few:
+servers), each followed by what the system promises. Four runs carry all faults, to keep fits few (every
+run reads through 2 loader processes per worker, as real runs do):
 
 - crash run (in-process driver): S3 shards with bad samples; the S3 server stopped ~10 s mid-run; one worker
   SIGKILLed while both are inside a checkpoint save; Ray Train restarts the group from the last checkpoint.
 - preemption runs (`python -m t2i_dist.train` subprocesses): the MLflow server killed mid-run; SIGTERM to a
   worker stops the first launch with a checkpoint; the relaunch resumes, then SIGTERM to the driver stops it.
+- grace run (subprocess): SIGTERM to the driver while the workers are stuck in a save; it stops itself after
+  run.preemption_grace_s.
 - NaN run (bf16): MLflow unreachable at start; non-finite gradients and losses injected until the run aborts.
+
+Without Ray: mostly bad shards abort the real loop through data.max_skip_fraction.
 
 Secrets are set to marker values for the first two and searched for in every artefact at the end.
 """
@@ -16,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,13 +32,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from t2i_dist.engine.checkpoint import CheckpointError, load_for_inference, verify_checkpoint
 from t2i_dist.tracking import client_for, local_store_uri
 from t2i_dist.train import main as train_main
-from tests.faults_data import EXPECTED_REASONS, write_faulty_shards
+from tests.dist_utils import run_distributed
+from tests.faults_data import EXPECTED_REASONS, write_faulty_shards, write_mostly_bad_shards
 from tests.faults_runs import (
     Disturbance,
     files_containing,
@@ -63,7 +71,7 @@ COMMON = [
     "model.text.train_config=null",
     "cluster.num_workers=2",
     "deepspeed.micro_batch_size=8",
-    "data.loader_workers=0",
+    "data.loader_workers=2",  # reader processes, as in real runs: killed ranks and SIGTERMs meet them too
     "data.resolution=32",
     "data.synthesize.enabled=false",
     "data.shuffle_buffer=8",
@@ -78,6 +86,7 @@ COMMON = [
     "run.deterministic=true",
 ]
 SAME_FIRST_STEPS = 3
+RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a line Ray forwards from a worker or actor
 DRIVER_TIMEOUT_S = 900
 
 
@@ -106,7 +115,7 @@ class CrashRun:
     bucket: str
     output: str
     partial_dirs: list[Path]
-    outage_s: float
+    moto_log_after_outage: str  # the S3 server's request log from its restart to the end of the run
     run_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,9 +123,25 @@ class CrashRun:
 
 
 def bucket_read_logs(bucket: str) -> str:
-    """The Ray workers' stderr logs that mention reads from `bucket`, joined."""
+    """The Ray workers' stderr logs that mention reads from `bucket`, joined (a worker's loader processes
+    write to its log too)."""
     texts = (p.read_text(errors="replace") for p in ray_logs_dir().glob("worker-*.err"))
     return "\n".join(t for t in texts if f"s3://{bucket}/" in t)
+
+
+def retried_reads(bucket: str) -> dict[str, int]:
+    """Shard URL -> highest retry number of the failed reads of `bucket` the workers logged."""
+    found: dict[str, int] = {}
+    pattern = rf"reading (s3://{re.escape(bucket)}/\S+) failed at byte \d+ .*; retry (\d+)/\d+ in "
+    for url, attempt in re.findall(pattern, bucket_read_logs(bucket)):
+        found[url] = max(found.get(url, 0), int(attempt))
+    return found
+
+
+def objects_served(moto_log: str, bucket: str) -> set[str]:
+    """Keys of `bucket` the S3 server answered a GET for (whole or ranged) in this part of its log."""
+    pattern = rf'"(?:\x1b\[[\d;]*m)*GET /{re.escape(bucket)}/(\S+) HTTP/[\d.]+(?:\x1b\[[\d;]*m)*" 20[06] '
+    return set(re.findall(pattern, moto_log))
 
 
 @pytest.fixture(scope="module")
@@ -141,18 +166,18 @@ def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_fac
     ]
     run_dir = workdir / "runs" / "crash"
 
-    def storage_outage() -> float:
+    def storage_outage() -> int:
         # once the first checkpoint is published the run is mid-way; its next shard reads meet the outage
         wait_for(lambda: 4 in ckpt_dirs(run_dir), DRIVER_TIMEOUT_S, "the checkpoint of step 4")
         s3_server.stop()
-        start = time.monotonic()
         time.sleep(10)
         # stay down until a worker has retried: retries below our reader (botocore, s3fs) or a read-ahead
         # must not be able to hide the outage; 12 retries give the workers ~60 s
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: "retry 1/12" in bucket_read_logs(bucket), 40, "a worker retrying a read")
+        restarted_at = s3_server.log_path.stat().st_size  # what the server logs from here on is after it
         s3_server.start()
-        return time.monotonic() - start
+        return restarted_at
 
     def kill_in_mid_save() -> list[Path]:
         # both ranks pause inside the save of step 8, before their manifests; rank 1 dies there
@@ -180,7 +205,8 @@ def crash_run(ray_cluster, mlflow_server, s3_server, faulty_shards, tmp_path_fac
     print(out.getvalue())
     assert code == 0
     partial = kill.check()
-    yield CrashRun(workdir, experiment, bucket, out.getvalue(), partial, outage.check())
+    after_outage = s3_server.log_path.read_bytes()[outage.check() :].decode(errors="replace")
+    yield CrashRun(workdir, experiment, bucket, out.getvalue(), partial, after_outage)
     for directory in partial:  # left in the workers' temp directory by the killed save
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -240,11 +266,23 @@ def test_bad_samples_are_skipped_counted_by_reason_and_the_run_continues(crash_r
     assert "data/skipped/unreadable_shard" not in metrics
 
 
-def test_storage_outage_is_retried_and_the_run_continues(crash_run):
-    assert crash_run.outage_s >= 10
-    # the workers' own logs show reads from the bucket failing and being retried
-    text = bucket_read_logs(crash_run.bucket)
-    assert f"reading s3://{crash_run.bucket}/" in text and "retry 1/12" in text
+def test_storage_outage_is_retried_and_the_run_continues(crash_run, mlflow_server):
+    bucket = crash_run.bucket
+    # the workers met the outage: their reads from the bucket failed (only a stopped server refuses them)
+    # and were retried, none of them up to the last of its 12 tries
+    retried = retried_reads(bucket)
+    assert retried, "no worker logged a failed, retried read from the bucket: the outage went unnoticed"
+    assert max(retried.values()) < 12, retried
+    # and recovered: every shard whose read was retried was served by the server after it came back, and
+    # no read was given up (a shard given up is logged, and counted as unreadable_shard)
+    served = objects_served(crash_run.moto_log_after_outage, bucket)
+    assert {url.split(f"s3://{bucket}/", 1)[1] for url in retried} <= served, (sorted(retried), sorted(served))
+    text = bucket_read_logs(bucket)
+    assert f"cannot open shard s3://{bucket}/" not in text and f"reading shard s3://{bucket}/" not in text
+    client = mlflow_server.client()
+    run = single_run(client, crash_run.experiment)
+    assert "data/skipped/unreadable_shard" not in run.data.metrics
+    assert max(s for s, _ in history(client, run.info.run_id, "loss")) == 12  # the run went on to its end
 
 
 # ------------------------------------------------------------------------------------------ preemption runs
@@ -397,6 +435,118 @@ def test_same_seed_gives_the_same_loss_curve(crash_run, preemption_runs, mlflow_
     assert len(set(first_a.values())) == SAME_FIRST_STEPS  # real, changing values
 
 
+# ------------------------------------------------------------------------------------------- grace time-out
+
+GRACE_S = 5
+
+
+@dataclass
+class GraceRun:
+    workdir: Path
+    log: Path
+    exit_code: int
+    seconds_after_sigterm: float
+    workers_left: list[int]  # PIDs of the run's workers still alive a while after the driver exited
+
+
+@pytest.fixture(scope="module")
+def grace_run(ray_cluster, faulty_shards, tmp_path_factory) -> Iterator[GraceRun]:
+    """A driver that gets SIGTERM while both workers are stuck inside a periodic save (paused for far
+    longer than run.preemption_grace_s): they cannot checkpoint and stop in time."""
+    workdir = tmp_path_factory.mktemp("grace")
+    markers = workdir / "markers"
+    markers.mkdir()
+    overrides = [
+        *COMMON,
+        f"data.urls={faulty_shards[0]}",
+        "run.name=grace",
+        "run.max_steps=200",
+        "run.checkpoint_every=2",  # step 2 is published; the save of step 4 never ends
+        "run.max_failures=0",
+        "eval.every=0",
+        f"run.preemption_grace_s={GRACE_S}",
+        "run.preemption_poll_s=1",
+    ]
+    env = {
+        **os.environ,
+        "T2I_FAULT_MARKER_DIR": str(markers),
+        "T2I_FAULT_PAUSE_SAVE_STEP": "4",
+        "T2I_FAULT_PAUSE_S": "600",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)  # the local store: this run needs no tracking server
+    log = workdir / "driver.log"
+    pids: list[int] = []
+    proc = launch(workdir, log, overrides, env)
+
+    def both_paused() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"the driver exited ({proc.returncode}) before the save of step 4:\n{tail}")
+        return bool(save_marker(markers, 4, 0) and save_marker(markers, 4, 1))
+
+    try:
+        wait_for(both_paused, DRIVER_TIMEOUT_S, "both workers inside the save of step 4")
+        pids = [save_marker(markers, 4, r)["pid"] for r in (0, 1)]
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        try:
+            proc.wait(GRACE_S + 120)
+        except subprocess.TimeoutExpired:
+            pass  # asserted on below: the driver did not stop itself
+        seconds = time.monotonic() - sent
+        code = proc.poll()
+        # the driver's Ray job is over: Ray stops its workers (still inside their 600 s pause)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not any(map(_alive, pids)), 60, "the workers to be stopped")
+        yield GraceRun(workdir, log, -1 if code is None else code, seconds, [p for p in pids if _alive(p)])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:  # the run's paused workers, should Ray have left them: they hold the cluster's CPUs
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_driver_stops_itself_when_the_workers_miss_the_grace_period(grace_run):
+    text = grace_run.log.read_text(errors="replace")
+    assert grace_run.exit_code != -1, (
+        f"the driver was still running {grace_run.seconds_after_sigterm:.0f}s after SIGTERM"
+    )
+    assert f"SIGTERM: asking the workers to checkpoint and stop (run.preemption_grace_s={GRACE_S})" in text
+    assert (
+        f"the workers did not stop within run.preemption_grace_s={GRACE_S}; stopping the driver (the last "
+        "periodic checkpoint is kept)" in text
+    ), text[-4000:]
+    run_dir = grace_run.workdir / "runs" / "grace"
+    relaunch = "stopped by SIGTERM before the workers checkpointed; relaunch the same command to resume from"
+    assert f"{relaunch} the last checkpoint under {run_dir}" in text, text[-4000:]
+    # not a normal end: a failing exit code (128 + SIGTERM), no 'preempted at step' claim, no traceback
+    assert grace_run.exit_code == 128 + signal.SIGTERM, text[-4000:]
+    own = "\n".join(line for line in text.splitlines() if not RAY_PREFIX.match(line))  # not the actors' logs
+    assert "preempted at step" not in own and "Traceback (most recent call last)" not in own, own[-4000:]
+    # it waited the grace period, then stopped soon after it (not when the workers' 600 s pause ended)
+    assert GRACE_S <= grace_run.seconds_after_sigterm <= GRACE_S + 60, grace_run.seconds_after_sigterm
+    assert not grace_run.workers_left, f"workers left running after the driver stopped: {grace_run.workers_left}"
+
+
+def test_grace_time_out_keeps_the_last_good_checkpoint(grace_run):
+    from t2i_dist.engine.inference import load_plugin
+
+    published = ckpt_dirs(grace_run.workdir / "runs" / "grace")
+    assert set(published) == {2}, "the save of step 4 never finished: only step 2's checkpoint is published"
+    assert verify_checkpoint(published[2])["step"] == 2
+    images = load_plugin(str(published[2]), "cpu").sample(["a red circle"], [0], steps=2)
+    assert torch.isfinite(images).all()
+
+
 # ------------------------------------------------------------------------------------------------- NaN run
 
 
@@ -495,6 +645,59 @@ def _tiny_shards(workdir: Path) -> Path:
 
     write_synthetic_shards(workdir / "tiny", num_samples=8, samples_per_shard=8, image_size=32)
     return workdir / "tiny"
+
+
+def _run_until_the_skip_abort(rank: int, world: int, shards: str, root: str) -> dict:
+    """The real loop (no Ray) with 2 loader processes over mostly bad shards, until it stops."""
+    import multiprocessing
+
+    from t2i_dist.data.errors import DataError
+    from t2i_dist.engine.context import local_context
+    from t2i_dist.engine.loop import TrainLoop
+    from t2i_dist.models.registry import load_config
+
+    cfg = load_config(
+        "ldm-tiny",
+        [*COMMON, "cluster.num_workers=1", f"data.urls={shards}", "run.max_steps=20", "run.checkpoint_every=1"],
+    )
+    loop = TrainLoop(cfg, local_context(cfg, root))
+    # readers are forked, as from a Ray worker (this rank process was spawned, which it would pass on:
+    # every reader would import torch again)
+    multiprocessing.set_start_method("fork", force=True)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        loop.run()
+    except DataError as exc:
+        error = str(exc)
+    else:
+        error = None
+    # the loader's reader processes are stopped with the run, not left to a garbage collection or exit
+    readers = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    return {"error": error, "step": loop.step, "readers_alive": [p for p in readers if _alive(p)]}
+
+
+def test_mostly_bad_data_aborts_the_run_early_naming_the_fraction(tmp_path):
+    from t2i_dist.data.stream import MIN_SAMPLES_FOR_SKIP_CHECK
+
+    shards = tmp_path / "mostly-bad"
+    write_mostly_bad_shards(shards)  # 1 good sample in every 16: fewer than a batch before the check
+    root = tmp_path / "checkpoints"
+    # a hung rank or reader process fails this inside run_distributed's deadline
+    [out] = run_distributed(_run_until_the_skip_abort, world=1, args=(str(shards), str(root)), deadline_s=300)
+    assert out["error"] is not None, f"the run trained {out['step']} steps on 94% bad samples without stopping"
+    found = re.search(
+        r"(\d+) of (\d+) samples skipped \((\d+)%\) on rank 0, loader worker [01], above data.max_skip_fraction=0.2\. "
+        r"Reasons: (.+?)\. Worst shards: ",
+        out["error"],
+    )
+    assert found, out["error"]
+    skipped, seen, percent = map(int, found.groups()[:3])
+    assert percent == round(100 * skipped / seen) and percent > 20
+    assert {"undecodable_image", "missing_caption"} <= {r.split("=")[0] for r in found.group(4).split(", ")}
+    # early: as soon as the fraction can be judged, before a first step (and its checkpoint)
+    assert MIN_SAMPLES_FOR_SKIP_CHECK <= seen <= MIN_SAMPLES_FOR_SKIP_CHECK + 5, out["error"]
+    assert out["step"] == 0 and not list(root.glob("checkpoint_*"))
+    assert not out["readers_alive"], f"loader processes left running: {out['readers_alive']}"
 
 
 def test_local_scripts_bind_dashboards_to_loopback():

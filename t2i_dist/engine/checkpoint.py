@@ -180,6 +180,31 @@ def verify_remote_checkpoint(url: str, s3: S3Section | None = None) -> dict[str,
     return state
 
 
+def newest_complete_checkpoint(run_dir: str, s3: S3Section | None = None) -> str | None:
+    """The complete checkpoint of the highest step among a run's published `checkpoint_*` directories (local
+    or s3://), or None. Ray Train registers a reported checkpoint only when its controller next polls the
+    workers: a worker that dies first leaves a published, complete checkpoint Ray does not hand back."""
+    fs, root = filesystem(run_dir, s3 or S3Section())
+    root = root.rstrip("/")
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return None
+    remote = "://" in run_dir
+    best: tuple[int, str] | None = None
+    for name in names:
+        if not name.startswith("checkpoint_") or name.endswith(".tmp"):
+            continue
+        url = f"{run_dir.rstrip('/')}/{name}"
+        try:
+            state = verify_remote_checkpoint(url, s3) if remote else verify_checkpoint(Path(url), check_hashes=False)
+        except (CheckpointError, OSError, ValueError, KeyError):
+            continue  # interrupted or partial: never resumed from
+        if best is None or state["step"] > best[0]:
+            best = (int(state["step"]), url)
+    return best[1] if best else None
+
+
 def restore_checkpoint(
     directory: Path,
     engines: dict[str, TrainedNetwork],

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import ray.train
 
+from t2i_dist.engine.checkpoint import newest_complete_checkpoint
 from t2i_dist.engine.context import RunContext, install_sigterm_handler, prepare_process
 from t2i_dist.engine.loop import TrainLoop
 from t2i_dist.models.registry import validate_config
@@ -24,12 +25,23 @@ log = logging.getLogger("t2i_dist.train")
 class RayCheckpointSink:
     """Ray Train publishes a checkpoint once every rank has reported its directory (merged into one)."""
 
-    def __init__(self, resume: str | None):
+    def __init__(self, resume: str | None, run_dir: str | None = None, s3: Any = None):
         self.resume = resume
+        self.run_dir = run_dir
+        self.s3 = s3
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[Path | None]:
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.run_dir:
+            # a restart after a worker died before Ray's controller registered the last report: the run's
+            # own newest complete checkpoint on its storage (every rank picks the same one)
+            found = newest_complete_checkpoint(self.run_dir, self.s3)
+            if found:
+                log.warning(
+                    "Ray Train handed back no checkpoint; resuming from the run's newest complete one, %s", found
+                )
+                checkpoint = ray.train.Checkpoint(found)
         if checkpoint is None and self.resume:
             # --resume: only when this run has no checkpoint of its own yet (a restart keeps its progress)
             checkpoint = ray.train.Checkpoint(self.resume)
@@ -74,7 +86,7 @@ def ray_context(cfg: Any, run_info: dict[str, Any]) -> RunContext:
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         placement=placement,
-        sink=RayCheckpointSink(run_info.get("resume")),
+        sink=RayCheckpointSink(run_info.get("resume"), run_info.get("run_dir"), cfg.data.s3),
         run_info=run_info,
         node_draining=node_draining,
         install_sigterm=install_sigterm_through_actor,
