@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -31,6 +32,7 @@ from t2i_dist.eval.metrics import MetricSpec, Partial, summarize
 from t2i_dist.eval.reference import cached_reference
 from t2i_dist.eval.sources import Item, SourceError, list_items
 from t2i_dist.eval.stats import InsufficientSamplesError
+from t2i_dist.eval.summary import summary_line
 
 log = logging.getLogger("t2i_dist.evaluate")
 
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--captions",
         nargs="+",
         help="caption shards for --checkpoint; their images are the real set unless --real is given",
+    )
+    p.add_argument(
+        "--untrained",
+        action="store_true",
+        help="with --checkpoint: its trained networks at their initial weights (the baseline), same protocol",
     )
     p.add_argument("--protocol", help=f"protocol name or YAML ({', '.join(shipped_protocols())})")
     p.add_argument("--num-samples", type=int, help="images per set (first N in source order; default: all)")
@@ -260,6 +267,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("give either --fake (compare two image sets) or --checkpoint with --captions")
     if args.checkpoint and not args.captions:
         raise SystemExit("--checkpoint needs --captions SHARDS (the prompts to generate from)")
+    if args.untrained and not args.checkpoint:
+        raise SystemExit("--untrained needs --checkpoint (whose config and frozen parts make the baseline)")
     if args.fake and not args.real:
         raise SystemExit("--fake needs --real")
     if args.workers == 0 or args.device is not None or args.gpus_per_worker is not None:
@@ -297,7 +306,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         producer = CheckpointGenerator(
             args.checkpoint,
-            load_plugin,
+            functools.partial(load_plugin, untrained=True) if args.untrained else load_plugin,
             seed,
             min(args.batch_size, 8),
             spec.resolution,
@@ -318,6 +327,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         seed=seed,
     )
     result["workers"] = args.workers
+    if args.untrained:
+        result["untrained"] = True
     result["resolution"] = spec.resolution
     if args.protocol:
         result["protocol"] = args.protocol
@@ -346,22 +357,6 @@ def metric_items(result: dict[str, Any]) -> list[tuple[str, float]]:
         elif key == "real" and isinstance(value, dict):
             out += [(f"real/{k}", float(v)) for k, v in value.items() if isinstance(v, (int, float))]
     return out
-
-
-def summary_line(result: dict[str, Any]) -> str:
-    """`fid 41.2 · alignment colour 0.42 (real 1.00) · ...`: each generated figure beside the real images'."""
-    real = result.get("real") or {}
-
-    def figure(label: str, key: str, fmt: str) -> str:
-        return f"{label} {result[key]:{fmt}}" + (f" (real {real[key]:{fmt}})" if key in real else "")
-
-    parts = [figure(k, k, ".4g") for k in ("fid", "kid", "alignment_fid", "is", "clip_score") if k in result]
-    aligned = [k for k in result if k.startswith("alignment/")] + (["alignment"] if "alignment" in result else [])
-    for i, key in enumerate(aligned):
-        name = key.removeprefix("alignment/") if key != "alignment" else "all four"
-        parts.append(figure(("alignment " if i == 0 else "") + name, key, ".2f"))
-    parts.append(f"{result.get('num_fake')} generated, {result.get('num_real')} real images")
-    return " · ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,17 @@ class Evaluation(BaseModel):
     captions: str = Field(description="caption + image shards: the prompts, and the real images compared with")
     workers: int = Field(2, ge=0)
     extra_args: list[str] = Field(default_factory=list, description="more `t2i_dist.evaluate` flags")
+    untrained_baseline: bool = Field(
+        True, description="also evaluate each run at its initial weights: what the trained figures are compared with"
+    )
+    diversity_seeds: int = Field(
+        4, ge=0, description="seeds per report prompt for the diversity figure (0: none); near 0 means mode collapse"
+    )
+
+
+# floors name a result key (fid, alignment/colour, diversity, ...) with the least acceptable value, or with
+# this suffix the most acceptable ratio to the untrained baseline's value (fid_vs_untrained: 0.25)
+VS_UNTRAINED = "_vs_untrained"
 
 
 class ReportSettings(BaseModel):
@@ -49,6 +60,9 @@ class Study(BaseModel):
     overrides: dict[str, list[str]] = Field(default_factory=dict, description="per run: dotted overrides")
     evaluation: Evaluation
     report: ReportSettings
+    floors: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per run name: result key -> floor; printed and reported, pass or miss"
+    )
 
 
 def shipped_studies() -> list[str]:
@@ -113,7 +127,9 @@ def train_stage(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     return record
 
 
-def evaluate_stage(name: str, trained: dict[str, Any], study: Study, ledger: Ledger) -> dict[str, Any]:
+def evaluate_stage(
+    name: str, trained: dict[str, Any], study: Study, ledger: Ledger, untrained: bool = False
+) -> dict[str, Any]:
     from t2i_dist.evaluate import build_parser, evaluate, log_to_mlflow
 
     e = study.evaluation
@@ -123,39 +139,108 @@ def evaluate_stage(name: str, trained: dict[str, Any], study: Study, ledger: Led
             "--protocol", e.protocol,
             "--captions", e.captions,
             "--workers", str(e.workers),
+            *(["--untrained"] if untrained else []),
             *e.extra_args,
         ]
     )  # fmt: skip
-    key = digest({"trained": trained, "evaluation": e.model_dump()})
-    done = ledger.get(f"evaluate/{name}", key)
+    what = "the untrained baseline of" if untrained else "the evaluation of"
+    stage = f"evaluate-untrained/{name}" if untrained else f"evaluate/{name}"
+    key = digest({"trained": trained, "evaluation": e.model_dump(exclude={"diversity_seeds"}), "untrained": untrained})
+    done = ledger.get(stage, key)
     if done:
-        print(f"[t2i_dist] study: reusing the evaluation of '{name}'")
+        print(f"[t2i_dist] study: reusing {what} '{name}'")
         return done
-    print(f"[t2i_dist] study: evaluating '{name}' ({e.protocol}, captions {e.captions})")
+    print(f"[t2i_dist] study: {what} '{name}' ({e.protocol}, captions {e.captions})")
     result = evaluate(args)
-    log_to_mlflow(result, trained["mlflow_run_id"], trained["tracking_uri"], step=0)
-    ledger.put(f"evaluate/{name}", key, result)
+    if not untrained:  # the run's own metrics; the baseline lives in the study's files
+        log_to_mlflow(result, trained["mlflow_run_id"], trained["tracking_uri"], step=0)
+    ledger.put(stage, key, result)
     return result
 
 
-def run_study(study: Study, tracking_uri: str | None = None) -> Path:
+def diversity(checkpoint: str, prompts: list[str], seeds: int) -> float:
+    """Mean pairwise pixel distance between images of one prompt under different seeds (engine's
+    sample/diversity on the report's prompts): near 0 means the generator ignores its noise."""
+    from t2i_dist.engine.components.samples import prompt_diversity
+    from t2i_dist.engine.inference import load_plugin
+
+    plugin = load_plugin(checkpoint)
+    images = plugin.sample([p for _ in range(seeds) for p in prompts], [s for s in range(seeds) for _ in prompts])
+    return prompt_diversity(images, seeds, len(prompts))
+
+
+def floor_rows(
+    results: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]], floors: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
+    """One row per (run, floor): the measured value, the floor, and whether it is met."""
+    rows = []
+    for name, wanted in floors.items():
+        result = results.get(name)
+        if result is None:
+            raise ConfigError(f"floors name run {name!r}, which the study does not run ({', '.join(results)})")
+        for key, floor in wanted.items():
+            if key.endswith(VS_UNTRAINED):
+                metric = key.removesuffix(VS_UNTRAINED)
+                base = baselines.get(name, {}).get(metric)
+                value = result[metric] / base if base else None
+                met = value is not None and value <= floor
+                rows.append({"run": name, "key": key, "value": value, "floor": floor, "met": met, "bound": "<="})
+            else:
+                value = result.get(key)
+                met = value is not None and value >= floor
+                rows.append({"run": name, "key": key, "value": value, "floor": floor, "met": met, "bound": ">="})
+    return rows
+
+
+def floors_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | measure | value | floor | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        value = "n/a" if r["value"] is None else f"{r['value']:.3g}"
+        lines.append(
+            f"| {r['run']} | {r['key']} | {value} | {r['bound']} {r['floor']:g} | {'yes' if r['met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_study(study: Study, tracking_uri: str | None = None) -> tuple[Path, list[dict[str, Any]]]:
     out = Path(study.report.out)
     ledger = Ledger(out / "study.json")
     started = time.time()
-    trained: dict[str, dict[str, Any]] = {}
-    for run in study.runs:
+    configs = []
+    for run in study.runs:  # every config checked before anything trains
         overrides = list(study.overrides.get(run, []))
         if tracking_uri:
             overrides.append(f"tracking.uri={tracking_uri}")
         cfg = load_config(run, overrides)
         if not family(cfg.model.family).generates_images:
             raise ConfigError(f"study run {run!r} is a {cfg.model.family} config: a study compares image generators")
-        trained[cfg.run.name] = train_stage(cfg, ledger)
+        configs.append(cfg)
+    unknown = sorted(set(study.floors) - {cfg.run.name for cfg in configs})
+    if unknown:
+        names = ", ".join(cfg.run.name for cfg in configs)
+        raise ConfigError(f"floors name runs {unknown} the study does not run (its runs are named {names})")
+    trained = {cfg.run.name: train_stage(cfg, ledger) for cfg in configs}
+    e = study.evaluation
     results = {name: evaluate_stage(name, t, study, ledger) for name, t in trained.items()}
-    from t2i_dist.evaluate import summary_line
+    baselines = (
+        {name: evaluate_stage(name, t, study, ledger, untrained=True) for name, t in trained.items()}
+        if e.untrained_baseline
+        else {}
+    )
+    if e.diversity_seeds >= 2:
+        prompts = study.report.prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+        for name, t in trained.items():
+            results[name]["diversity"] = diversity(t["checkpoint"], prompts, e.diversity_seeds)
+    from t2i_dist.eval.summary import summary_line
 
     for name, result in results.items():
-        print(f"[t2i_dist] {name}: {summary_line(result)}")
+        print(
+            f"[t2i_dist] {name}: {summary_line(result)}"
+            + (f" · diversity {result['diversity']:.3g}" if "diversity" in result else "")
+        )
+        if name in baselines:
+            print(f"[t2i_dist] {name} untrained: {summary_line(baselines[name])}")
+    rows = floor_rows(results, baselines, study.floors)
     from t2i_dist.report.cli import main as report_main
 
     argv = ["--runs", *(t["mlflow_run_id"] for t in trained.values())]
@@ -166,9 +251,18 @@ def run_study(study: Study, tracking_uri: str | None = None) -> Path:
         argv += ["--prompts", *study.report.prompts]
     if report_main(argv) != 0:
         raise ConfigError("the report could not be written (see above)")
-    (out / "evaluation.json").write_text(json.dumps(results, indent=2))
+    (out / "evaluation.json").write_text(
+        json.dumps({"trained": results, "untrained": baselines, "floors": rows}, indent=2)
+    )
+    if rows:
+        table = floors_markdown(rows)
+        (out / "floors.md").write_text(table)
+        with (out / "report.md").open("a") as report:
+            report.write(f"\n## Floors\n\n{table}")
+        missed = sum(not r["met"] for r in rows)
+        print(f"[t2i_dist] study floors ({len(rows) - missed} of {len(rows)} met):\n{table}", end="")
     print(f"[t2i_dist] study finished in {time.time() - started:.0f}s: {out / 'report.md'}")
-    return out
+    return out, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,15 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     shipped = ", ".join(shipped_studies())
     parser.add_argument("--config", default="study-tiny", help=f"shipped study ({shipped}) or path")
     parser.add_argument("--tracking-uri", help="MLflow for every run of the study (default: the runs' configs)")
+    parser.add_argument(
+        "--require-floors", action="store_true", help="exit with status 3 when any of the study's floors is missed"
+    )
     args = parser.parse_args(argv)
     from t2i_dist.launch import TrainingError
 
     try:
         study = load_study(args.config)
-        run_study(study, args.tracking_uri)
+        _, rows = run_study(study, args.tracking_uri)
     except (ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, TrainingError) else 2
+    missed = [f"{r['run']} {r['key']}" for r in rows if not r["met"]]
+    if missed and args.require_floors:
+        print(f"error: floors missed: {', '.join(missed)}", file=sys.stderr)
+        return 3
     return 0
 
 

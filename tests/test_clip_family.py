@@ -224,3 +224,22 @@ def test_clip_tiny_trains_on_ray_and_exports_what_ldm_and_galip_load(ray_cluster
     again = retrieval_top1(F.normalize(image, dim=1), F.normalize(sentence, dim=1), held_out.captions)
     for key in TOP1:
         assert again[key] == pytest.approx(history[key][-1][1], abs=1.5 / len(held_out)), (key, again)
+
+
+def test_weight_decay_skips_gains_biases_and_the_temperature_as_open_clip_does():
+    from t2i_dist.models.base import Trainable
+    from t2i_dist.models.clip.encoders import create_clip
+    from t2i_dist.models.clip.plugin import open_clip_decays
+    from t2i_dist.models.registry import load_config
+
+    model = create_clip(load_config("clip-tiny").model.clip)  # type: ignore[attr-defined]
+    groups = Trainable(model, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1, decays=open_clip_decays).param_groups()
+    decayed, kept = ({id(p) for p in g["params"]} for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    named = dict(model.named_parameters())
+    assert id(named["logit_scale"]) in kept
+    assert all(id(p) in kept for n, p in named.items() if n.endswith(".bias") or ".ln_" in n or n.startswith("ln_"))
+    assert id(named["visual.transformer.resblocks.0.attn.in_proj_weight"]) in decayed
+    assert len(decayed) + len(kept) == len(named) and not decayed & kept
+    # without a rule (the other families) every parameter decays, in one group
+    assert len(Trainable(model, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1).param_groups()) == 1

@@ -124,3 +124,20 @@ def test_full_rank_protocol_refuses_before_any_image_is_made(checkpoint, capsys)
     err = capsys.readouterr().err
     assert "more than 2048 images" in err
     assert not list(Path(ckpt).parent.glob("**/*.png"))
+
+
+def test_untrained_baseline_resets_only_the_trained_networks(checkpoint):
+    import torch
+
+    from t2i_dist.engine.inference import load_plugin
+
+    ckpt, _ = checkpoint
+    trained = load_plugin(ckpt, use_ema=False)
+    untrained, again = load_plugin(ckpt, untrained=True), load_plugin(ckpt, untrained=True)
+    t, u, a = (p.unet.state_dict() for p in (trained, untrained, again))  # type: ignore[attr-defined]
+    assert any(not torch.equal(t[k], u[k]) for k in t)  # two steps of training moved the UNet
+    assert all(torch.equal(u[k], a[k]) for k in u)  # the baseline is the seeded initial weights, every time
+    frozen = (trained.vae.state_dict(), untrained.vae.state_dict())  # type: ignore[attr-defined]
+    assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    assert not torch.equal(trained.sample(prompts, seeds, steps=2), untrained.sample(prompts, seeds, steps=2))

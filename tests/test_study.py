@@ -41,3 +41,33 @@ def test_a_finished_stage_is_reused_only_under_the_same_settings(tmp_path):
     assert reread.get("train/ldm-tiny", "digest-a") == {"checkpoint": "c1"}
     assert reread.get("train/ldm-tiny", "digest-b") is None  # changed settings: redone
     assert reread.get("train/galip-tiny", "digest-a") is None
+
+
+def test_floors_compare_with_the_floor_or_with_the_untrained_baseline():
+    from t2i_dist.study import floor_rows, floors_markdown
+
+    results = {"ldm": {"fid": 100.0, "alignment/colour": 0.7}, "galip": {"fid": 300.0, "alignment/colour": 0.4}}
+    baselines = {"ldm": {"fid": 450.0}, "galip": {"fid": 450.0}}
+    floors = {
+        "ldm": {"alignment/colour": 0.6, "fid_vs_untrained": 0.25},
+        "galip": {"alignment/colour": 0.5, "fid_vs_untrained": 0.25, "alignment/shape": 0.5},
+    }
+    rows = {(r["run"], r["key"]): r for r in floor_rows(results, baselines, floors)}
+    assert rows["ldm", "alignment/colour"]["met"] and rows["ldm", "fid_vs_untrained"]["met"]
+    assert rows["ldm", "fid_vs_untrained"]["value"] == pytest.approx(100 / 450)
+    assert not rows["galip", "alignment/colour"]["met"] and not rows["galip", "fid_vs_untrained"]["met"]
+    assert rows["galip", "alignment/shape"]["value"] is None and not rows["galip", "alignment/shape"]["met"]
+    assert floor_rows(results, {}, {"ldm": {"fid_vs_untrained": 0.25}})[0]["met"] is False  # no baseline: not met
+    assert "| galip | alignment/shape | n/a | >= 0.5 | NO |" in floors_markdown(list(rows.values()))
+
+
+def test_floors_for_a_run_the_study_does_not_run_are_refused_before_training(tmp_path, capsys):
+    study = tmp_path / "floors.yaml"
+    study.write_text(
+        "title: x\nruns: [ldm-shapes]\nevaluation: {protocol: synthetic-tiny, captions: d}\n"
+        f"report: {{out: {tmp_path / 'out'}}}\nfloors: {{ldm-tiny: {{fid: 1}}}}\n"
+    )
+    assert main(["--config", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "floors name runs ['ldm-tiny'] the study does not run (its runs are named ldm-shapes)" in err
+    assert not (tmp_path / "out").exists()

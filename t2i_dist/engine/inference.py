@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -24,9 +25,12 @@ def sample_options(family_name: str, options: dict[str, Any]) -> dict[str, Any]:
     return accepted
 
 
-def load_plugin(checkpoint: str, device: str = "cpu", **load_options: Any) -> ModelPlugin:
+def load_plugin(checkpoint: str, device: str = "cpu", untrained: bool = False, **load_options: Any) -> ModelPlugin:
     """Networks rebuilt from the checkpoint's config, weights from its inference state. `load_options` are
-    the family's FamilySpec.load_options (e.g. use_ema for latent diffusion); others are dropped."""
+    the family's FamilySpec.load_options (e.g. use_ema for latent diffusion); others are dropped.
+
+    `untrained` keeps the trained networks at the run's seeded initial weights (its frozen parts as
+    configured): the baseline a trained model's figures are compared with, under the same protocol."""
     config, state = load_for_inference(checkpoint)
     config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
     cfg = validate_config(config)
@@ -34,5 +38,12 @@ def load_plugin(checkpoint: str, device: str = "cpu", **load_options: Any) -> Mo
     accepted, _ = spec.split_options(load_options, spec.load_options)
     torch.manual_seed(cfg.run.seed)
     plugin = build_plugin(cfg, torch.device(device), torch.float32)
+    trained_parts = plugin.trainables() if untrained else {}
+    initial = {name: copy.deepcopy(t.module.state_dict()) for name, t in trained_parts.items()}
+    # loaded in full even when untrained: the frozen parts a plug-in keeps in its state (a random CLIP) and
+    # the sampling set-up come from there; then only the trained networks go back to their initial weights
     plugin.load_inference_state(state, **accepted)
+    if untrained:
+        for name, trainable in trained_parts.items():
+            trainable.module.load_state_dict(initial[name])
     return plugin

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,18 @@ class Trainable:
     eps: float = 1e-8
     # ZeRO stage for this engine; None uses deepspeed.zero_stage
     zero_stage: int | None = None
+    # which parameters weight decay applies to, by (name, parameter); None: all of them
+    decays: Callable[[str, nn.Parameter], bool] | None = None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trained parameters as optimizer groups: those `decays` excludes get no weight decay."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.decays is None or not self.weight_decay:
+            return [{"params": [p for _, p in named], "weight_decay": self.weight_decay}]
+        decayed = [p for n, p in named if self.decays(n, p)]
+        kept = [p for n, p in named if not self.decays(n, p)]
+        groups = [{"params": decayed, "weight_decay": self.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
 
 class TrainedEngine(Protocol):

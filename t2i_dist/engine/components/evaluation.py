@@ -5,20 +5,7 @@ from __future__ import annotations
 
 from t2i_dist.engine.components.base import Component, Loop, StepOutcome
 from t2i_dist.eval.in_training import InTrainingEval
-
-
-def evaluation_line(metrics: dict[str, float]) -> str:
-    """`fid 41.2 · alignment colour 0.81 (real 1.00) · ...`: each generated figure next to the real images'."""
-    parts = []
-    for key in ("eval/fid", "eval/kid", "eval/alignment_fid"):
-        if key in metrics:
-            parts.append(f"{key.removeprefix('eval/')} {metrics[key]:.4g}")
-    aligned = sorted(k for k in metrics if k.startswith("eval/alignment/"))
-    for key in aligned + (["eval/alignment"] if "eval/alignment" in metrics else []):
-        real = metrics.get("eval/real/" + key.removeprefix("eval/"))
-        name = key.removeprefix("eval/alignment/") if key != "eval/alignment" else "all four"
-        parts.append(f"{name} {metrics[key]:.2f}" + (f" (real {real:.2f})" if real is not None else ""))
-    return " · ".join(parts)
+from t2i_dist.eval.summary import result_of_logged, summary_line
 
 
 class InTrainingEvaluation(Component):
@@ -32,5 +19,5 @@ class InTrainingEvaluation(Component):
             loop.plugin.before_sampling()
             metrics = self.evaluator.run(loop.plugin, outcome.step)
             loop.log_metrics(metrics, outcome.step)
-            loop.say(f"evaluation at step {outcome.step}: {evaluation_line(metrics)}")
+            loop.say(f"evaluation at step {outcome.step}: {summary_line(result_of_logged(metrics))}")
             loop.last_metrics = {**loop.last_metrics, **metrics}  # published with the checkpoint of this step

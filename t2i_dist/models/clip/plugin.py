@@ -85,6 +85,12 @@ def clamp_master(param: nn.Parameter, partitioned: bool) -> None:
         safe_set_full_fp32_param(param, master.clamp(0, MAX_LOG_SCALE))
 
 
+def open_clip_decays(name: str, param: nn.Parameter) -> bool:
+    """open_clip_train's rule: no weight decay on gains, biases, norms, embeddings' scalars or the temperature."""
+    excluded = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+    return not excluded
+
+
 class ClipPlugin(ModelPlugin):
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
         super().__init__(cfg, device, dtype)
@@ -126,7 +132,11 @@ class ClipPlugin(ModelPlugin):
     # -- training --------------------------------------------------------------------------------------
     def trainables(self) -> dict[str, Trainable]:
         o = self.cfg.optim
-        return {"clip": Trainable(self.model, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)}
+        return {
+            "clip": Trainable(
+                self.model, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, decays=open_clip_decays
+            )
+        }
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions).to(self.device)
