@@ -35,8 +35,10 @@ SHORT_DEFAULT = [
 ]
 
 
-# the training workers and their DataLoader reader processes (forked, holding the same sockets)
-TRAINING_PROCESSES = ("ray::RayTrainWorker", "pt_data_worker")
+# the training workers and their DataLoader reader processes (forked, holding the same sockets); Ray titles a
+# worker actor's process after the method it runs, e.g. ray::execute._setup_torch_process_group (Ray Train's
+# RayTrainWorker.execute) while torch's store starts
+TRAINING_PROCESSES = ("ray::RayTrainWorker", "ray::execute.", "pt_data_worker")
 
 
 def listeners(root: psutil.Process) -> set[tuple[str, str, int]]:
