@@ -182,7 +182,8 @@ def floor_rows(
             if key.endswith(VS_UNTRAINED):
                 metric = key.removesuffix(VS_UNTRAINED)
                 base = baselines.get(name, {}).get(metric)
-                value = result[metric] / base if base else None
+                measured = result.get(metric)
+                value = measured / base if base and measured is not None else None
                 met = value is not None and value <= floor
                 rows.append({"run": name, "key": key, "value": value, "floor": floor, "met": met, "bound": "<="})
             else:
