@@ -4,8 +4,10 @@ inside the task, never logged)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 from t2i_dist.config import URL_USERINFO, Config
 
@@ -29,39 +31,41 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
-    previous = os.environ.get(SINGLE_NODE_ENV)
-    _single_node_on_loopback()
-    try:
+    with single_node_on_loopback():
         # the dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every second
         # (without it, it warns every second and cannot clean up after a dead controller); loopback only
         ray.init(
             num_cpus=max(int(needed), os.cpu_count() or 1),
             include_dashboard=True,
-            dashboard_host="127.0.0.1",
+            dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
             logging_level=logging.WARNING,
         )
+    # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
+    # would otherwise make that lookup ambiguous
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+@contextlib.contextmanager
+def single_node_on_loopback() -> Iterator[None]:
+    """Make the Ray started inside a one-node cluster on loopback. Ray binds its metrics servers (the
+    dashboard's, the agent's, the autoscaler's) to every interface unless the node's IP is loopback, and on
+    Linux it turns a loopback `_node_ip_address` into the machine's outward IP, except when clusters are
+    switched off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows). Only for a Ray
+    started here: a driver joining a cluster must register with an address the other nodes reach."""
+    from ray._private import ray_constants
+
+    previous = os.environ.get(SINGLE_NODE_ENV)
+    os.environ[SINGLE_NODE_ENV] = "0"  # read when Ray is imported: by the processes this Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported Ray before
+    try:
+        yield
     finally:
         # the processes of this Ray have it; processes this one starts later (a multi-node `ray start`) must not
         if previous is None:
             os.environ.pop(SINGLE_NODE_ENV, None)
         else:
             os.environ[SINGLE_NODE_ENV] = previous
-    # Ray Train's helper processes look the cluster up by address; other Ray instances on the machine
-    # would otherwise make that lookup ambiguous
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def _single_node_on_loopback() -> None:
-    """Make the Ray this driver starts a one-node cluster on loopback. Ray binds its metrics servers (the
-    dashboard's, the agent's, the autoscaler's) to every interface unless the node's IP is loopback, and on
-    Linux it turns a loopback `_node_ip_address` into the machine's outward IP, except when clusters are
-    switched off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows). Only for a Ray
-    started here: a driver joining a cluster must register with an address the other nodes reach."""
-    os.environ[SINGLE_NODE_ENV] = "0"  # read when Ray is imported: by the processes this Ray starts
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported Ray before
 
 
 def _is_secret(name: str, value: str) -> bool:

@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from t2i_dist.config import Config, ConfigError, shipped_configs
@@ -36,13 +35,10 @@ def _verified_resume(resume_arg: str | None, cfg: Config) -> str | None:
         return None
     # checked before an MLflow run is made: a refused start leaves nothing behind
     resume = resume_arg if "://" in resume_arg else os.path.abspath(resume_arg)
-    from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint, verify_remote_checkpoint
+    from t2i_dist.engine.checkpoint import CheckpointError, verify_checkpoint_at
 
     try:
-        if "://" in resume:
-            verify_remote_checkpoint(resume, cfg.data.s3)
-        else:
-            verify_checkpoint(Path(resume))
+        verify_checkpoint_at(resume, cfg.data.s3)
     except CheckpointError as exc:
         raise TrainingError(f"--resume {resume_arg}: {exc}", 2) from None
     return resume

@@ -180,6 +180,13 @@ def verify_remote_checkpoint(url: str, s3: S3Section | None = None) -> dict[str,
     return state
 
 
+def verify_checkpoint_at(url: str, s3: S3Section | None = None, check_hashes: bool = True) -> dict[str, Any]:
+    """verify_checkpoint for a local directory, verify_remote_checkpoint for s3://...; the trainer state."""
+    if "://" in url:
+        return verify_remote_checkpoint(url, s3)
+    return verify_checkpoint(Path(url), check_hashes=check_hashes)
+
+
 def newest_complete_checkpoint(run_dir: str, s3: S3Section | None = None) -> str | None:
     """The complete checkpoint of the highest step among a run's published `checkpoint_*` directories (local
     or s3://), or None. Ray Train registers a reported checkpoint only when its controller next polls the
@@ -190,14 +197,13 @@ def newest_complete_checkpoint(run_dir: str, s3: S3Section | None = None) -> str
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return None
-    remote = "://" in run_dir
     best: tuple[int, str] | None = None
     for name in names:
         if not name.startswith("checkpoint_") or name.endswith(".tmp"):
             continue
         url = f"{run_dir.rstrip('/')}/{name}"
         try:
-            state = verify_remote_checkpoint(url, s3) if remote else verify_checkpoint(Path(url), check_hashes=False)
+            state = verify_checkpoint_at(url, s3, check_hashes=False)
         except (CheckpointError, OSError, ValueError, KeyError):
             continue  # interrupted or partial: never resumed from
         if best is None or state["step"] > best[0]:

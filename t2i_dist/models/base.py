@@ -72,8 +72,10 @@ class Trainable:
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if self.decays is None or not self.weight_decay:
             return [{"params": [p for _, p in named], "weight_decay": self.weight_decay}]
-        decayed = [p for n, p in named if self.decays(n, p)]
-        kept = [p for n, p in named if not self.decays(n, p)]
+        decayed: list[nn.Parameter] = []
+        kept: list[nn.Parameter] = []
+        for n, p in named:
+            (decayed if self.decays(n, p) else kept).append(p)
         groups = [{"params": decayed, "weight_decay": self.weight_decay}, {"params": kept, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
