@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--untrained",
-        action="store_true",
-        help="with --checkpoint: its trained networks at their initial weights (the baseline), same protocol",
+        nargs="?",
+        const="networks",
+        choices=["networks", "system"],
+        help="with --checkpoint, a baseline under the same protocol: its trained networks at their initial "
+        "weights ('networks', the default), or with its frozen parts at random weights too ('system')",
     )
     p.add_argument("--protocol", help=f"protocol name or YAML ({', '.join(shipped_protocols())})")
     p.add_argument("--num-samples", type=int, help="images per set (first N in source order; default: all)")
@@ -306,7 +309,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         producer = CheckpointGenerator(
             args.checkpoint,
-            functools.partial(load_plugin, untrained=True) if args.untrained else load_plugin,
+            functools.partial(load_plugin, untrained=args.untrained) if args.untrained else load_plugin,
             seed,
             min(args.batch_size, 8),
             spec.resolution,
@@ -328,7 +331,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     result["workers"] = args.workers
     if args.untrained:
-        result["untrained"] = True
+        result["untrained"] = args.untrained
     result["resolution"] = spec.resolution
     if args.protocol:
         result["protocol"] = args.protocol

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from importlib import resources
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from t2i_dist.config import Config, ConfigError
+from t2i_dist.engine.inference import UntrainedScope
 from t2i_dist.models.registry import family, load_config
 
 
@@ -33,17 +35,21 @@ class Evaluation(BaseModel):
     captions: str = Field(description="caption + image shards: the prompts, and the real images compared with")
     workers: int = Field(2, ge=0)
     extra_args: list[str] = Field(default_factory=list, description="more `t2i_dist.evaluate` flags")
-    untrained_baseline: bool = Field(
-        True, description="also evaluate each run at its initial weights: what the trained figures are compared with"
+    untrained_baselines: list[UntrainedScope] = Field(
+        ["networks"],
+        description="baselines each run is also evaluated as, what the trained figures are compared with: "
+        "'networks' (its trained networks at their initial weights, frozen parts as trained) and/or 'system' "
+        "(every part, stage 0's too, at its initial weights); [] for none",
     )
     diversity_seeds: int = Field(
         4, ge=0, description="seeds per report prompt for the diversity figure (0: none); near 0 means mode collapse"
     )
 
 
-# floors name a result key (fid, alignment/colour, diversity, ...) with the least acceptable value, or with
-# this suffix the most acceptable ratio to the untrained baseline's value (fid_vs_untrained: 0.25)
-VS_UNTRAINED = "_vs_untrained"
+# floors name a result key (fid, alignment/colour, diversity, ...) with the least acceptable value, or with a
+# suffix the most acceptable ratio to an untrained baseline's value: fid_vs_untrained (the 'networks'
+# baseline) or fid_vs_untrained_system
+VS_UNTRAINED = re.compile(r"^(?P<metric>.+)_vs_untrained(?:_(?P<scope>networks|system))?$")
 
 
 class ReportSettings(BaseModel):
@@ -128,7 +134,7 @@ def train_stage(cfg: Config, ledger: Ledger) -> dict[str, Any]:
 
 
 def evaluate_stage(
-    name: str, trained: dict[str, Any], study: Study, ledger: Ledger, untrained: bool = False
+    name: str, trained: dict[str, Any], study: Study, ledger: Ledger, untrained: UntrainedScope | None = None
 ) -> dict[str, Any]:
     from t2i_dist.evaluate import build_parser, evaluate, log_to_mlflow
 
@@ -139,13 +145,15 @@ def evaluate_stage(
             "--protocol", e.protocol,
             "--captions", e.captions,
             "--workers", str(e.workers),
-            *(["--untrained"] if untrained else []),
+            *(["--untrained", untrained] if untrained else []),
             *e.extra_args,
         ]
     )  # fmt: skip
-    what = "the untrained baseline of" if untrained else "the evaluation of"
-    stage = f"evaluate-untrained/{name}" if untrained else f"evaluate/{name}"
-    key = digest({"trained": trained, "evaluation": e.model_dump(exclude={"diversity_seeds"}), "untrained": untrained})
+    what = f"the untrained ({untrained}) baseline of" if untrained else "the evaluation of"
+    stage = {None: "evaluate", "networks": "evaluate-untrained", "system": "evaluate-untrained-system"}[untrained]
+    stage = f"{stage}/{name}"
+    settings = e.model_dump(exclude={"diversity_seeds", "untrained_baselines"})
+    key = digest({"trained": trained, "evaluation": settings, "untrained": untrained})
     done = ledger.get(stage, key)
     if done:
         print(f"[t2i_dist] study: reusing {what} '{name}'")
@@ -169,8 +177,11 @@ def diversity(checkpoint: str, prompts: list[str], seeds: int) -> float:
     return prompt_diversity(images, seeds, len(prompts))
 
 
+Baselines = dict[str, dict[str, dict[str, Any]]]  # scope -> run -> result
+
+
 def floor_rows(
-    results: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]], floors: dict[str, dict[str, float]]
+    results: dict[str, dict[str, Any]], baselines: Baselines, floors: dict[str, dict[str, float]]
 ) -> list[dict[str, Any]]:
     """One row per (run, floor): the measured value, the floor, and whether it is met."""
     rows = []
@@ -179,9 +190,10 @@ def floor_rows(
         if result is None:
             raise ConfigError(f"floors name run {name!r}, which the study does not run ({', '.join(results)})")
         for key, floor in wanted.items():
-            if key.endswith(VS_UNTRAINED):
-                metric = key.removesuffix(VS_UNTRAINED)
-                base = baselines.get(name, {}).get(metric)
+            ratio = VS_UNTRAINED.match(key)
+            if ratio:
+                metric = ratio["metric"]
+                base = baselines.get(ratio["scope"] or "networks", {}).get(name, {}).get(metric)
                 measured = result.get(metric)
                 value = measured / base if base and measured is not None else None
                 met = value is not None and value <= floor
@@ -216,6 +228,15 @@ def run_study(study: Study, tracking_uri: str | None = None) -> tuple[Path, list
         if not family(cfg.model.family).generates_images:
             raise ConfigError(f"study run {run!r} is a {cfg.model.family} config: a study compares image generators")
         configs.append(cfg)
+    for wanted in study.floors.values():
+        for key in wanted:
+            ratio = VS_UNTRAINED.match(key)
+            scope = ratio and (ratio["scope"] or "networks")
+            if scope and scope not in study.evaluation.untrained_baselines:
+                raise ConfigError(
+                    f"floor {key!r} compares with the untrained {scope!r} baseline, which the study does not "
+                    f"evaluate: add {scope!r} to evaluation.untrained_baselines"
+                )
     unknown = sorted(set(study.floors) - {cfg.run.name for cfg in configs})
     if unknown:
         names = ", ".join(cfg.run.name for cfg in configs)
@@ -223,11 +244,10 @@ def run_study(study: Study, tracking_uri: str | None = None) -> tuple[Path, list
     trained = {cfg.run.name: train_stage(cfg, ledger) for cfg in configs}
     e = study.evaluation
     results = {name: evaluate_stage(name, t, study, ledger) for name, t in trained.items()}
-    baselines = (
-        {name: evaluate_stage(name, t, study, ledger, untrained=True) for name, t in trained.items()}
-        if e.untrained_baseline
-        else {}
-    )
+    baselines: Baselines = {
+        scope: {name: evaluate_stage(name, t, study, ledger, untrained=scope) for name, t in trained.items()}
+        for scope in e.untrained_baselines
+    }
     if e.diversity_seeds >= 2:
         prompts = study.report.prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
         for name, t in trained.items():
@@ -239,8 +259,8 @@ def run_study(study: Study, tracking_uri: str | None = None) -> tuple[Path, list
             f"[t2i_dist] {name}: {summary_line(result)}"
             + (f" · diversity {result['diversity']:.3g}" if "diversity" in result else "")
         )
-        if name in baselines:
-            print(f"[t2i_dist] {name} untrained: {summary_line(baselines[name])}")
+        for scope, by_run in baselines.items():
+            print(f"[t2i_dist] {name} untrained ({scope}): {summary_line(by_run[name])}")
     rows = floor_rows(results, baselines, study.floors)
     from t2i_dist.report.cli import main as report_main
 

@@ -16,6 +16,21 @@ from tests.dist_utils import run_distributed
 pytestmark = pytest.mark.slow
 
 
+def _save_stand_in_vae(root: str) -> str:
+    """ldm-tiny's autoencoder with other weights, saved as a trained stage-0 VAE would be (a real
+    diffusers directory): the checkpoint's frozen part is then loaded from `pretrained`."""
+    import torch
+
+    from t2i_dist.models.registry import build_plugin, load_config
+
+    vae = build_plugin(load_config("ldm-tiny"), torch.device("cpu")).vae  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.05)
+    vae.save_pretrained(f"{root}/vae")
+    return f"{root}/vae"
+
+
 def _train_two_steps(rank: int, world: int, shards: str, root: str) -> str:
     from t2i_dist.engine.context import local_context
     from t2i_dist.engine.loop import TrainLoop
@@ -24,6 +39,7 @@ def _train_two_steps(rank: int, world: int, shards: str, root: str) -> str:
     cfg = load_config(
         "ldm-tiny",
         [
+            f"model.vae.pretrained={_save_stand_in_vae(root)}",
             f"data.urls={shards}",
             "data.synthesize.enabled=false",
             "cluster.num_workers=1",
@@ -126,18 +142,26 @@ def test_full_rank_protocol_refuses_before_any_image_is_made(checkpoint, capsys)
     assert not list(Path(ckpt).parent.glob("**/*.png"))
 
 
-def test_untrained_baseline_resets_only_the_trained_networks(checkpoint):
+def test_untrained_baselines_reset_the_trained_networks_and_for_the_system_the_frozen_parts_too(checkpoint):
     import torch
 
     from t2i_dist.engine.inference import load_plugin
 
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
     ckpt, _ = checkpoint
     trained = load_plugin(ckpt, use_ema=False)
-    untrained, again = load_plugin(ckpt, untrained=True), load_plugin(ckpt, untrained=True)
-    t, u, a = (p.unet.state_dict() for p in (trained, untrained, again))  # type: ignore[attr-defined]
-    assert any(not torch.equal(t[k], u[k]) for k in t)  # two steps of training moved the UNet
-    assert all(torch.equal(u[k], a[k]) for k in u)  # the baseline is the seeded initial weights, every time
-    frozen = (trained.vae.state_dict(), untrained.vae.state_dict())  # type: ignore[attr-defined]
-    assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])
+    untrained, again = load_plugin(ckpt, untrained="networks"), load_plugin(ckpt, untrained="networks")
+    system, system_again = load_plugin(ckpt, untrained="system"), load_plugin(ckpt, untrained="system")
+    t, u, a, s = (p.unet.state_dict() for p in (trained, untrained, again, system))  # type: ignore[attr-defined]
+    assert not same(t, u)  # two steps of training moved the UNet
+    assert same(u, a) and same(u, s)  # both baselines start from the seeded initial UNet, every time
+    plugins = {"t": trained, "u": untrained, "s": system, "s2": system_again}
+    vae = {name: p.vae.state_dict() for name, p in plugins.items()}  # type: ignore[attr-defined]
+    assert same(vae["t"], vae["u"])  # 'networks' keeps the loaded (here: stand-in trained) autoencoder
+    assert not same(vae["t"], vae["s"]) and same(vae["s"], vae["s2"])  # 'system': the seeded random one
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     assert not torch.equal(trained.sample(prompts, seeds, steps=2), untrained.sample(prompts, seeds, steps=2))
+    with pytest.raises(ValueError, match="untrained must be"):
+        load_plugin(ckpt, untrained=True)  # type: ignore[arg-type]

@@ -173,6 +173,17 @@ def _train_layouts(rank: int, world: int) -> dict:
         "zero2": _train_galip(rank, world, []),
         "zero3_generator": _train_galip(rank, world, ["deepspeed.zero_stage=3", "model.discriminator_zero_stage=2"]),
         "zero2_bf16": _train_galip(rank, world, ["deepspeed.precision=bf16"]),
+        # the data-efficiency terms: augmented CLIP inputs, and a twin image per caption in one ZeRO-3 G call
+        "zero3_generator_augmented": _train_galip(
+            rank,
+            world,
+            [
+                "deepspeed.zero_stage=3",
+                "model.discriminator_zero_stage=2",
+                "model.augment=[translation, cutout]",
+                "model.mode_seeking=1.0",
+            ],
+        ),
     }
 
 
@@ -187,6 +198,10 @@ def test_galip_trains_with_two_engines_in_zero2_zero3_generator_and_bf16():
         assert r["history"][0]["loss_g"] != r["history"][-1]["loss_g"]
         assert not r["clip_partitioned"]
     base, zero3, bf16 = results[0]["zero2"], results[0]["zero3_generator"], results[0]["zero2_bf16"]
+    augmented = results[0]["zero3_generator_augmented"]
+    assert all(h["mode_spread"] > 0 for h in augmented["history"]) and "mode_spread" not in zero3["history"][0]
+    assert augmented["history"][0]["loss_d"] != zero3["history"][0]["loss_d"]  # D saw augmented images
+    assert augmented["sample_shape"] == (2, 3, 32, 32)
     assert (base["dtype"], bf16["dtype"]) == ("torch.float32", "torch.bfloat16")
     assert bf16["sample_shape"] == (2, 3, 32, 32)
     assert base["partitioned"] == {"discriminator": False, "generator": False}

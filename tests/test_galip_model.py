@@ -143,3 +143,33 @@ def test_hinge_terms_and_mismatched_pairs():
     assert float(hinge_fake(d["fake"])) == pytest.approx(0.75)
     sentence = torch.arange(6.0).view(3, 2)
     assert mismatched(sentence).tolist() == [[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]]  # no sample keeps its own text
+
+
+def test_diff_augment_moves_and_cuts_images_reproducibly_and_passes_gradients():
+    from t2i_dist.models.galip.augment import cutout, diff_augment, translate
+
+    images = torch.zeros(2, 3, 16, 16)
+    images[:, :, 8, 8] = 1.0  # one bright pixel to follow
+    shifted = translate(images, 0.25, torch.Generator().manual_seed(0))
+    again = translate(images, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, again)
+    for k in range(2):
+        (y, x) = (shifted[k, 0] == 1).nonzero()[0].tolist()
+        assert abs(y - 8) <= 4 and abs(x - 8) <= 4 and shifted[k].sum() == 3  # moved within range, not lost
+    ones = torch.ones(4, 3, 16, 16)
+    holes = cutout(ones, 0.5, torch.Generator().manual_seed(1))
+    zeroed = (holes[:, 0] == 0).sum(dim=(1, 2))
+    assert ((zeroed > 0) & (zeroed <= 9 * 9)).all()  # one square of side <= 8 (+1), clipped at the border
+    assert torch.equal(holes[:, 0], holes[:, 2])  # the same hole in every channel
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    diff_augment(x, ["translation", "cutout"], 0.125, 0.5, torch.Generator().manual_seed(2)).sum().backward()
+    assert x.grad is not None and 0 < x.grad.abs().sum() < x.numel()  # differentiable; cut pixels get none
+
+
+def test_mode_seeking_spread_is_image_distance_over_noise_distance():
+    from t2i_dist.models.galip.losses import image_spread
+
+    images, noise = torch.zeros(2, 3, 4, 4), torch.zeros(2, 8)
+    assert float(image_spread(images, images.clone(), noise, noise + 1)) == 0.0  # noise ignored: no spread
+    assert float(image_spread(images, images + 0.5, noise, noise + 2)) == pytest.approx(0.25)
+    assert float(image_spread(images, images + 0.5, noise, noise + 1)) == pytest.approx(0.5)

@@ -47,27 +47,35 @@ def test_floors_compare_with_the_floor_or_with_the_untrained_baseline():
     from t2i_dist.study import floor_rows, floors_markdown
 
     results = {"ldm": {"fid": 100.0, "alignment/colour": 0.7}, "galip": {"fid": 300.0, "alignment/colour": 0.4}}
-    baselines = {"ldm": {"fid": 450.0}, "galip": {"fid": 450.0}}
+    baselines = {"networks": {"ldm": {"fid": 450.0}, "galip": {"fid": 450.0}}, "system": {"ldm": {"fid": 200.0}}}
     floors = {
-        "ldm": {"alignment/colour": 0.6, "fid_vs_untrained": 0.25},
+        "ldm": {"alignment/colour": 0.6, "fid_vs_untrained": 0.25, "fid_vs_untrained_system": 0.25},
         "galip": {"alignment/colour": 0.5, "fid_vs_untrained": 0.25, "alignment/shape": 0.5},
     }
     rows = {(r["run"], r["key"]): r for r in floor_rows(results, baselines, floors)}
     assert rows["ldm", "alignment/colour"]["met"] and rows["ldm", "fid_vs_untrained"]["met"]
     assert rows["ldm", "fid_vs_untrained"]["value"] == pytest.approx(100 / 450)
+    assert rows["ldm", "fid_vs_untrained_system"]["value"] == pytest.approx(100 / 200)  # its own baseline
+    assert not rows["ldm", "fid_vs_untrained_system"]["met"]
     assert not rows["galip", "alignment/colour"]["met"] and not rows["galip", "fid_vs_untrained"]["met"]
     assert rows["galip", "alignment/shape"]["value"] is None and not rows["galip", "alignment/shape"]["met"]
     assert floor_rows(results, {}, {"ldm": {"fid_vs_untrained": 0.25}})[0]["met"] is False  # no baseline: not met
     assert "| galip | alignment/shape | n/a | >= 0.5 | NO |" in floors_markdown(list(rows.values()))
 
 
-def test_floors_for_a_run_the_study_does_not_run_are_refused_before_training(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("floors", "message"),
+    [
+        ("{ldm-tiny: {fid: 1}}", "floors name runs ['ldm-tiny'] the study does not run (its runs are named ldm-shape"),
+        ("{ldm-shapes: {fid_vs_untrained_system: 0.25}}", "add 'system' to evaluation.untrained_baselines"),
+    ],
+)
+def test_bad_floors_are_refused_before_training(tmp_path, capsys, floors, message):
     study = tmp_path / "floors.yaml"
     study.write_text(
         "title: x\nruns: [ldm-shapes]\nevaluation: {protocol: synthetic-tiny, captions: d}\n"
-        f"report: {{out: {tmp_path / 'out'}}}\nfloors: {{ldm-tiny: {{fid: 1}}}}\n"
+        f"report: {{out: {tmp_path / 'out'}}}\nfloors: {floors}\n"
     )
     assert main(["--config", str(study)]) == 2
-    err = capsys.readouterr().err
-    assert "floors name runs ['ldm-tiny'] the study does not run (its runs are named ldm-shapes)" in err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -13,6 +13,8 @@ from t2i_dist.models.base import ModelPlugin
 from t2i_dist.models.registry import build_plugin, family, validate_config
 
 log = logging.getLogger(__name__)
+
+UntrainedScope = Literal["networks", "system"]
 
 
 def sample_options(family_name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -25,15 +27,24 @@ def sample_options(family_name: str, options: dict[str, Any]) -> dict[str, Any]:
     return accepted
 
 
-def load_plugin(checkpoint: str, device: str = "cpu", untrained: bool = False, **load_options: Any) -> ModelPlugin:
+def load_plugin(
+    checkpoint: str, device: str = "cpu", untrained: UntrainedScope | None = None, **load_options: Any
+) -> ModelPlugin:
     """Networks rebuilt from the checkpoint's config, weights from its inference state. `load_options` are
     the family's FamilySpec.load_options (e.g. use_ema for latent diffusion); others are dropped.
 
-    `untrained` keeps the trained networks at the run's seeded initial weights (its frozen parts as
-    configured): the baseline a trained model's figures are compared with, under the same protocol."""
+    `untrained` is a baseline a trained model's figures are compared with, under the same protocol:
+    "networks" keeps the trained networks at the run's seeded initial weights and its frozen parts as
+    configured (e.g. the UNet at step 0 on the trained autoencoder); "system" also builds every frozen
+    part at random weights instead of loading its `pretrained` (nothing trained anywhere: what the run
+    started from when its components had to be trained too)."""
+    if untrained not in (None, "networks", "system"):
+        raise ValueError(f"untrained must be None, 'networks' or 'system', got {untrained!r}")
     config, state = load_for_inference(checkpoint)
     config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
     cfg = validate_config(config)
+    if untrained == "system":
+        cfg = cfg.with_random_weights()
     spec = family(cfg.model.family)
     accepted, _ = spec.split_options(load_options, spec.load_options)
     torch.manual_seed(cfg.run.seed)

@@ -32,6 +32,14 @@ class GALIPConfig(FamilyConfig):
     ma_gp_k: float = 2.0
     ma_gp_p: float = 6.0
     clip_sim_weight: float = 4.0
+    mode_seeking: float = Field(
+        0.0, ge=0, description="weight of the mode-seeking term (a second image per caption, other noise); 0: off"
+    )
+    augment: list[Literal["translation", "cutout"]] = Field(
+        [], description="DiffAugment transforms of real and fake images before CLIP reads them (D and the CLIP term)"
+    )
+    augment_translation: float = Field(0.125, ge=0, le=0.5, description="largest shift, a fraction of the image size")
+    augment_cutout: float = Field(0.5, ge=0, le=1, description="side of the cut-out square, a fraction of the size")
     # Mate-G's bridge feature predictor: noise -> (bridge_channels, grid, grid), grid = CLIP-ViT patch grid
     bridge_channels: int = Field(64, ge=1)
     bridge_mid_channels: int = Field(32, ge=1)

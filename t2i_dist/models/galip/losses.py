@@ -101,3 +101,11 @@ def generator_loss(
     """G loss = -mean D score - clip_weight * cos(CLIP image embedding, sentence); returns (loss, similarity)."""
     similarity = clip_similarity(image_embedding, sentence)
     return -scores.float().mean() - clip_weight * similarity, similarity
+
+
+def image_spread(
+    images: torch.Tensor, twins: torch.Tensor, noise: torch.Tensor, twin_noise: torch.Tensor
+) -> torch.Tensor:
+    """Mode seeking (Mao et al., CVPR 2019): mean |image - twin| over mean |noise - twin noise|, for images of
+    the same captions; the generator minimises its inverse, so other noise must give other images."""
+    return (images.float() - twins.float()).abs().mean() / (noise.float() - twin_noise.float()).abs().mean()

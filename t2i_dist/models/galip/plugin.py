@@ -19,10 +19,16 @@ from t2i_dist.batch import Batch
 from t2i_dist.config import Config
 from t2i_dist.models.base import ModelPlugin, Trainable, mixed_precision
 from t2i_dist.models.clip.encoders import FrozenClipText, load_clip
+from t2i_dist.models.galip.augment import diff_augment
 from t2i_dist.models.galip.config import GALIPConfig
 from t2i_dist.models.galip.discriminator import MateDiscriminator
 from t2i_dist.models.galip.generator import MateGenerator
-from t2i_dist.models.galip.losses import discriminator_loss, generator_loss, score_without_weight_grads
+from t2i_dist.models.galip.losses import (
+    discriminator_loss,
+    generator_loss,
+    image_spread,
+    score_without_weight_grads,
+)
 from t2i_dist.models.galip.vision import ClipVision
 
 
@@ -69,14 +75,21 @@ class GALIPPlugin(ModelPlugin):
     def frozen(self) -> dict[str, nn.Module]:
         return {"clip_text": self.text_encoder, "clip_vision": self.vision}
 
-    def _noise(self, n: int, step: int) -> torch.Tensor:
-        """Noise seeded by (run seed, rank, step, micro-batch): different per rank, reproduced on resume."""
+    def _step_generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
+        """CPU generators for this micro-batch's noise and augmentation, seeded by (run seed, rank, step,
+        micro-batch): different per rank, reproduced on resume."""
         last_step, micro = self._micro_step
         micro = micro + 1 if step == last_step else 0
         self._micro_step = (step, micro)
-        rank = dist.rank()
-        seed = zlib.crc32(f"{self.cfg.run.seed}/{rank}/{step}/{micro}".encode())
-        return torch.randn(n, self.m.noise_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        key = f"{self.cfg.run.seed}/{dist.rank()}/{step}/{micro}"
+        noise_seed, augment_seed = zlib.crc32(key.encode()), zlib.crc32(f"{key}/augment".encode())
+        return torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(augment_seed)
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        m = self.m
+        if not m.augment:
+            return images
+        return diff_augment(images, list(m.augment), m.augment_translation, m.augment_cutout, generator)
 
     def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         if batch.images is None:
@@ -87,12 +100,22 @@ class GALIPPlugin(ModelPlugin):
         # the frozen text encoder under autocast on a GPU (it ran fp32 there); CPUs keep fp32 (faster there)
         with mixed_precision(self.device, dt) if self.device.type == "cuda" else contextlib.nullcontext():
             sentence = self.text_encoder(batch.captions)["pooled"].to(dt)
-        noise = self._noise(len(batch), step).to(dt)
+        noise_rng, augment_rng = self._step_generators(step)
+        n = len(batch)
+        noise = torch.randn(n, m.noise_dim, generator=noise_rng).to(self.device, dt)
+        # mode seeking: a second image per caption from other noise, made in the same generator call
+        twin_noise = torch.randn(n, m.noise_dim, generator=noise_rng).to(self.device, dt) if m.mode_seeking else None
         with mixed_precision(self.device, dt):
             with torch.no_grad():
-                real, _ = self.vision.encode(images, taps, with_embedding=False)
-            fake_images = g_engine(noise, sentence, self.vision)
-            fake, fake_embedding = self.vision.encode(fake_images, taps, with_embedding=True)
+                real, _ = self.vision.encode(self._augment(images, augment_rng), taps, with_embedding=False)
+            if twin_noise is None:
+                fake_images = g_engine(noise, sentence, self.vision)
+            else:
+                both = g_engine(torch.cat([noise, twin_noise]), torch.cat([sentence, sentence]), self.vision)
+                fake_images, twin_images = both[:n], both[n:]
+            # one augmented view of each fake serves D and the CLIP term alike
+            fake_view = self._augment(fake_images, augment_rng)
+            fake, fake_embedding = self.vision.encode(fake_view, taps, with_embedding=True)
             assert fake_embedding is not None  # asked for with_embedding
             d = discriminator_loss(d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p)
         # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
@@ -101,10 +124,16 @@ class GALIPPlugin(ModelPlugin):
         with mixed_precision(self.device, dt):
             scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence)
             loss_g, similarity = generator_loss(scores, fake_embedding, sentence, m.clip_sim_weight)
+            extra: dict[str, torch.Tensor] = {}
+            if twin_noise is not None:
+                spread = image_spread(fake_images, twin_images, noise, twin_noise)
+                loss_g = loss_g + m.mode_seeking / (spread + 1e-5)
+                extra["mode_spread"] = spread.detach()
         g_engine.backward_and_step(loss_g)
         loss_g = loss_g.detach()
         # 'loss' is what the loop checks for finiteness: non-finite if either network's loss is
-        return {"loss": d.loss.detach() + loss_g, "loss_g": loss_g, "clip_sim": similarity.detach(), **d.metrics()}
+        metrics = {"loss": d.loss.detach() + loss_g, "loss_g": loss_g, "clip_sim": similarity.detach()}
+        return {**metrics, **extra, **d.metrics()}
 
     # -- inference -------------------------------------------------------------------------------------------
     def _generator_partitioned(self) -> bool:
