@@ -52,6 +52,12 @@ class Evaluation(BaseModel):
 VS_UNTRAINED = re.compile(r"^(?P<metric>.+)_vs_untrained(?:_(?P<scope>networks|system))?$")
 
 
+def ratio_floor(key: str) -> tuple[str, str] | None:
+    """(metric, baseline scope) of a ratio floor's key; None for a plain least-value floor."""
+    ratio = VS_UNTRAINED.match(key)
+    return (ratio["metric"], ratio["scope"] or "networks") if ratio else None
+
+
 class ReportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     out: str
@@ -190,10 +196,10 @@ def floor_rows(
         if result is None:
             raise ConfigError(f"floors name run {name!r}, which the study does not run ({', '.join(results)})")
         for key, floor in wanted.items():
-            ratio = VS_UNTRAINED.match(key)
+            ratio = ratio_floor(key)
             if ratio:
-                metric = ratio["metric"]
-                base = baselines.get(ratio["scope"] or "networks", {}).get(name, {}).get(metric)
+                metric, scope = ratio
+                base = baselines.get(scope, {}).get(name, {}).get(metric)
                 measured = result.get(metric)
                 value = measured / base if base and measured is not None else None
                 met = value is not None and value <= floor
@@ -230,8 +236,8 @@ def run_study(study: Study, tracking_uri: str | None = None) -> tuple[Path, list
         configs.append(cfg)
     for wanted in study.floors.values():
         for key in wanted:
-            ratio = VS_UNTRAINED.match(key)
-            scope = ratio and (ratio["scope"] or "networks")
+            ratio = ratio_floor(key)
+            scope = ratio[1] if ratio else None
             if scope and scope not in study.evaluation.untrained_baselines:
                 raise ConfigError(
                     f"floor {key!r} compares with the untrained {scope!r} baseline, which the study does not "

@@ -154,9 +154,10 @@ def test_untrained_baselines_reset_the_trained_networks_and_for_the_system_the_f
     trained = load_plugin(ckpt, use_ema=False)
     untrained, again = load_plugin(ckpt, untrained="networks"), load_plugin(ckpt, untrained="networks")
     system, system_again = load_plugin(ckpt, untrained="system"), load_plugin(ckpt, untrained="system")
-    t, u, a, s = (p.unet.state_dict() for p in (trained, untrained, again, system))  # type: ignore[attr-defined]
-    assert not same(t, u)  # two steps of training moved the UNet
-    assert same(u, a) and same(u, s)  # both baselines start from the seeded initial UNet, every time
+    unets = [p.unet.state_dict() for p in (trained, untrained, again, system, system_again)]  # type: ignore[attr-defined]
+    t, u, a, s, s2 = unets
+    assert not same(t, u) and not same(t, s)  # two steps of training moved the UNet; neither baseline has them
+    assert same(u, a) and same(s, s2)  # each baseline is its seeded initialisation, every time
     plugins = {"t": trained, "u": untrained, "s": system, "s2": system_again}
     vae = {name: p.vae.state_dict() for name, p in plugins.items()}  # type: ignore[attr-defined]
     assert same(vae["t"], vae["u"])  # 'networks' keeps the loaded (here: stand-in trained) autoencoder
