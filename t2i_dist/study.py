@@ -19,7 +19,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +49,7 @@ class Evaluation(BaseModel):
 # floors name a result key (fid, alignment/colour, diversity, ...) with the least acceptable value, or with a
 # suffix the most acceptable ratio to an untrained baseline's value: fid_vs_untrained (the 'networks'
 # baseline) or fid_vs_untrained_system
-VS_UNTRAINED = re.compile(r"^(?P<metric>.+)_vs_untrained(?:_(?P<scope>networks|system))?$")
+VS_UNTRAINED = re.compile(rf"^(?P<metric>.+)_vs_untrained(?:_(?P<scope>{'|'.join(get_args(UntrainedScope))}))?$")
 
 
 def ratio_floor(key: str) -> tuple[str, str] | None:

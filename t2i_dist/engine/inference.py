@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -38,8 +38,8 @@ def load_plugin(
     configured (e.g. the UNet at step 0 on the trained autoencoder); "system" also builds every frozen
     part at random weights instead of loading its `pretrained` (nothing trained anywhere: what the run
     started from when its components had to be trained too)."""
-    if untrained not in (None, "networks", "system"):
-        raise ValueError(f"untrained must be None, 'networks' or 'system', got {untrained!r}")
+    if untrained is not None and untrained not in get_args(UntrainedScope):
+        raise ValueError(f"untrained must be None or one of {get_args(UntrainedScope)}, got {untrained!r}")
     config, state = load_for_inference(checkpoint)
     config.setdefault("deepspeed", {})["compile"] = False  # a training speed-up; sampling runs eager
     cfg = validate_config(config)
