@@ -173,3 +173,36 @@ def test_mode_seeking_spread_is_image_distance_over_noise_distance():
     assert float(image_spread(images, images.clone(), noise, noise + 1)) == 0.0  # noise ignored: no spread
     assert float(image_spread(images, images + 0.5, noise, noise + 2)) == pytest.approx(0.25)
     assert float(image_spread(images, images + 0.5, noise, noise + 1)) == pytest.approx(0.5)
+
+
+def test_ma_gp_counts_the_pixel_gradient_when_the_critic_reads_pixels():
+    w, v, u = torch.randn(2, 3, 4, 4), torch.randn(5), torch.randn(3, 8, 8)
+    features = torch.randn(6, 2, 3, 4, 4, requires_grad=True)
+    sentence = torch.randn(6, 5, requires_grad=True)
+    pixels = torch.randn(6, 3, 8, 8, requires_grad=True)
+    scores = (features * w).flatten(1).sum(1) + sentence @ v + (pixels * u).flatten(1).sum(1)
+    penalty = ma_gp(scores, features, sentence, k=2.0, p=6.0, pixels=pixels)
+    expected = 2.0 * (w.square().sum() + v.square().sum() + u.square().sum()).sqrt() ** 6
+    torch.testing.assert_close(penalty, expected)
+
+
+def test_pixel_branch_discriminator_reads_the_pixels_and_passes_them_gradients():
+    from t2i_dist.models.galip.config import GALIPConfig
+    from t2i_dist.models.galip.discriminator import MateDiscriminator
+    from t2i_dist.models.galip.losses import discriminator_loss
+
+    torch.manual_seed(0)
+    net = MateDiscriminator(GALIPConfig(ndf=4, feature_layers=[0, 1], pixel_branch=True), 8, 4, 6, resolution=32)
+    features, sentence = torch.randn(3, 2, 8, 4, 4), torch.randn(3, 6)
+    pixels = torch.randn(3, 3, 32, 32, requires_grad=True)
+    scores = net(features, sentence, pixels)
+    assert not torch.allclose(scores, net(features, sentence, pixels.detach().flip(-1)))  # pixels change scores
+    scores.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0  # the generator gets a pixel gradient
+    with pytest.raises(ValueError, match="pixel branch"):
+        net(features, sentence)
+    with pytest.raises(ValueError, match="both real and fake"):
+        discriminator_loss(net, net, features, features, sentence, 2.0, 6.0, real_pixels=pixels)
+    # 224 px CLIP grid 7 on 128 px images: pooled to the grid
+    wide = MateDiscriminator(GALIPConfig(ndf=4, feature_layers=[0, 1], pixel_branch=True), 8, 7, 6, resolution=128)
+    assert wide(torch.randn(2, 2, 8, 7, 7), torch.randn(2, 6), torch.randn(2, 3, 128, 128)).shape == (2,)

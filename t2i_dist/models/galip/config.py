@@ -40,6 +40,11 @@ class GALIPConfig(FamilyConfig):
     )
     augment_translation: float = Field(0.125, ge=0, le=0.5, description="largest shift, a fraction of the image size")
     augment_cutout: float = Field(0.5, ge=0, le=1, description="side of the cut-out square, a fraction of the size")
+    pixel_branch: bool = Field(
+        False,
+        description="Mate-D also reads the images CLIP read through a small conv stack (detail inside one ViT "
+        "patch, which the patch embedding may project away); off: the paper's CLIP-only discriminator",
+    )
     # Mate-G's bridge feature predictor: noise -> (bridge_channels, grid, grid), grid = CLIP-ViT patch grid
     bridge_channels: int = Field(64, ge=1)
     bridge_mid_channels: int = Field(32, ge=1)

@@ -1,10 +1,16 @@
 """Mate-D's trainable part: a CLIP feature extractor over feature maps taken from several frozen CLIP-ViT
 layers, then a quality assessor on those features joined with the sentence vector.
 
-Its input is the stacked CLIP features, not pixels: the frozen ViT runs outside (vision.py), so the
-matching-aware gradient penalty differentiates with respect to exactly these features and the sentence."""
+Its input is the stacked CLIP features: the frozen ViT runs outside (vision.py), so the matching-aware gradient
+penalty differentiates with respect to exactly these features and the sentence. With `model.pixel_branch` it
+also reads the (augmented) pixels CLIP was shown, through a small conv stack joined to the CLIP features at the
+ViT's patch grid: a ViT's patch embedding projects each patch linearly to its width (192 values to 64 in the
+tiny CLIP), so detail inside one patch, such as a small shape's outline, can be invisible to a CLIP-only
+discriminator."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +53,43 @@ class QualityAssessor(nn.Module):
         return self.conv2(x).flatten()
 
 
+class PixelFeatureExtractor(nn.Module):
+    """[-1, 1] images -> stride-2 convs (one per halving towards the CLIP grid) -> (B, out_channels, g, g)."""
+
+    def __init__(self, resolution: int, grid: int, base_channels: int, out_channels: int):
+        super().__init__()
+        halvings = max(0, int(math.log2(resolution / grid)))
+        widths = [min(base_channels * 2**i, out_channels) for i in range(halvings)] + [out_channels]
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2)]
+        self.convs = nn.Sequential(*layers)
+        self.grid = grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.convs(images)
+        # a resolution that is not the grid times a power of two (224 px ViT-B/32 on 128 px images) is pooled
+        return x if x.shape[-1] == self.grid else F.adaptive_avg_pool2d(x, self.grid)
+
+
 class MateDiscriminator(nn.Module):
-    def __init__(self, m: GALIPConfig, clip_width: int, clip_grid: int, sentence_dim: int):
+    def __init__(self, m: GALIPConfig, clip_width: int, clip_grid: int, sentence_dim: int, resolution: int = 0):
         super().__init__()
         self.extractor = ClipFeatureExtractor(clip_width, len(m.feature_layers), m.ndf * 8)
-        self.assessor = QualityAssessor(m.ndf * 8, sentence_dim, m.ndf * 2, clip_grid)
+        if m.pixel_branch and resolution <= 0:
+            raise ValueError("model.pixel_branch needs the image resolution")
+        self.pixels = PixelFeatureExtractor(resolution, clip_grid, m.ndf, m.ndf * 8) if m.pixel_branch else None
+        channels = m.ndf * 8 * (2 if self.pixels is not None else 1)
+        self.assessor = QualityAssessor(channels, sentence_dim, m.ndf * 2, clip_grid)
 
-    def forward(self, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        """CLIP features (B, layers, width, g, g) and sentence vectors (B, D) -> scores (B,)."""
-        return self.assessor(self.extractor(features), sentence)
+    def forward(
+        self, features: torch.Tensor, sentence: torch.Tensor, pixels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """CLIP features (B, layers, width, g, g), sentence vectors (B, D) and, with a pixel branch, the images
+        CLIP read (B, 3, R, R) -> scores (B,)."""
+        x = self.extractor(features)
+        if self.pixels is not None:
+            if pixels is None:
+                raise ValueError("this discriminator has a pixel branch: pass the images CLIP read")
+            x = torch.cat([x, self.pixels(pixels.to(x.dtype))], dim=1)
+        return self.assessor(x, sentence)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]  # (CLIP features, sentence[, pixels]) -> scores
 
 
 def hinge_real(scores: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,18 @@ def mismatched(sentence: torch.Tensor) -> torch.Tensor:
     return torch.roll(sentence, shifts=-1, dims=0)
 
 
-def ma_gp(scores: torch.Tensor, features: torch.Tensor, sentence: torch.Tensor, k: float, p: float) -> torch.Tensor:
-    """k * mean(||d score / d (features, sentence)||_2 ** p) on real, matching pairs; differentiable (the
-    gradient is built with create_graph) so its own gradient reaches the discriminator's weights."""
-    grads = torch.autograd.grad(scores.sum(), (features, sentence), create_graph=True)
+def ma_gp(
+    scores: torch.Tensor,
+    features: torch.Tensor,
+    sentence: torch.Tensor,
+    k: float,
+    p: float,
+    pixels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """k * mean(||d score / d (features, sentence[, pixels])||_2 ** p) on real, matching pairs; differentiable
+    (the gradient is built with create_graph) so its own gradient reaches the discriminator's weights."""
+    inputs = (features, sentence) if pixels is None else (features, sentence, pixels)
+    grads = torch.autograd.grad(scores.sum(), inputs, create_graph=True)
     flat = torch.cat([g.float().flatten(1) for g in grads], dim=1)
     return k * flat.norm(dim=1).pow(p).mean()
 
@@ -67,28 +75,43 @@ def discriminator_loss(
     sentence: torch.Tensor,
     k: float,
     p: float,
+    real_pixels: torch.Tensor | None = None,
+    fake_pixels: torch.Tensor | None = None,
 ) -> DiscriminatorTerms:
     """D loss = hinge(real) + (hinge(fake) + hinge(real with mismatched text)) / 2 + MA-GP.
 
     `engine_forward` is the DeepSpeed engine call, `raw_forward` its module (for the penalty's double
-    backward); both score CLIP features (B, layers, width, g, g) against sentence vectors (B, D)."""
+    backward); both score CLIP features (B, layers, width, g, g) against sentence vectors (B, D), and the
+    images CLIP read when the discriminator has a pixel branch (then both pixel arguments are given)."""
+    if (real_pixels is None) != (fake_pixels is None):
+        raise ValueError("give the pixels of both real and fake images, or of neither")
     n = real.shape[0]
     real, sentence = real.detach(), sentence.detach()
-    scores = engine_forward(torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]))
+    pair = (torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]))
+    if real_pixels is None or fake_pixels is None:
+        scores = engine_forward(*pair)
+        real_pixels_in = None
+    else:
+        scores = engine_forward(*pair, torch.cat([fake_pixels.detach(), real_pixels.detach()]))
+        real_pixels_in = real_pixels.detach().clone().requires_grad_(True)
     d_fake, d_mismatch = scores[:n], scores[n:]
     real_in = real.clone().requires_grad_(True)
     sentence_in = sentence.clone().requires_grad_(True)
-    d_real = raw_forward(real_in, sentence_in)
-    penalty = ma_gp(d_real, real_in, sentence_in, k, p)
+    pixels_in = () if real_pixels_in is None else (real_pixels_in,)
+    d_real = raw_forward(real_in, sentence_in, *pixels_in)
+    penalty = ma_gp(d_real, real_in, sentence_in, k, p, pixels=real_pixels_in)
     loss = hinge_real(d_real) + (hinge_fake(d_fake) + hinge_fake(d_mismatch)) / 2 + penalty
     return DiscriminatorTerms(loss, penalty, d_real.float().mean(), d_fake.float().mean(), d_mismatch.float().mean())
 
 
-def score_without_weight_grads(module: nn.Module, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+def score_without_weight_grads(
+    module: nn.Module, features: torch.Tensor, sentence: torch.Tensor, pixels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Discriminator scores that pass gradients to the inputs only: the generator's step must neither touch
     the discriminator's gradients nor fire its engine's reduction hooks."""
     detached = {name: p.detach() for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, detached, (features, sentence))
+    args = (features, sentence) if pixels is None else (features, sentence, pixels)
+    return torch.func.functional_call(module, detached, args)
 
 
 def clip_similarity(image_embedding: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ class GALIPPlugin(ModelPlugin):
             self._check_indices()
             v, sentence_dim = self.vision, self.text_encoder.embed_dim
             self.generator_net = MateGenerator(m, sentence_dim, v.width, v.grid, cfg.data.resolution)
-            self.discriminator_net = MateDiscriminator(m, v.width, v.grid, sentence_dim)
+            self.discriminator_net = MateDiscriminator(m, v.width, v.grid, sentence_dim, cfg.data.resolution)
         # the whole CLIP (its unused logit scale too), so that every tensor the plug-in keeps is on the device
         for module in (self.clip_model, self.text_encoder, self.vision, self.generator_net, self.discriminator_net):
             module.to(device)
@@ -106,8 +106,9 @@ class GALIPPlugin(ModelPlugin):
         # mode seeking: a second image per caption from other noise, made in the same generator call
         twin_noise = torch.randn(n, m.noise_dim, generator=noise_rng).to(self.device, dt) if m.mode_seeking else None
         with mixed_precision(self.device, dt):
+            real_view = self._augment(images, augment_rng)
             with torch.no_grad():
-                real, _ = self.vision.encode(self._augment(images, augment_rng), taps, with_embedding=False)
+                real, _ = self.vision.encode(real_view, taps, with_embedding=False)
             if twin_noise is None:
                 fake_images = g_engine(noise, sentence, self.vision)
             else:
@@ -117,12 +118,15 @@ class GALIPPlugin(ModelPlugin):
             fake_view = self._augment(fake_images, augment_rng)
             fake, fake_embedding = self.vision.encode(fake_view, taps, with_embedding=True)
             assert fake_embedding is not None  # asked for with_embedding
-            d = discriminator_loss(d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p)
+            pixels = (real_view.to(dt), fake_view.to(dt)) if m.pixel_branch else (None, None)
+            d = discriminator_loss(
+                d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p, *pixels
+            )
         # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
         d_engine.backward_and_step(d.loss)
         # generator step against the just-updated discriminator, reusing this step's fakes and their graph
         with mixed_precision(self.device, dt):
-            scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence)
+            scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence, pixels[1])
             loss_g, similarity = generator_loss(scores, fake_embedding, sentence, m.clip_sim_weight)
             extra: dict[str, torch.Tensor] = {}
             if twin_noise is not None:
