@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ScoreFn = Callable[..., torch.Tensor]  # (CLIP features, sentence[, pixels]) -> scores
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # features, sentence, pixels
 
 
 def hinge_real(scores: torch.Tensor) -> torch.Tensor:
@@ -87,18 +87,16 @@ def discriminator_loss(
         raise ValueError("give the pixels of both real and fake images, or of neither")
     n = real.shape[0]
     real, sentence = real.detach(), sentence.detach()
-    pair = (torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]))
-    if real_pixels is None or fake_pixels is None:
-        scores = engine_forward(*pair)
-        real_pixels_in = None
-    else:
-        scores = engine_forward(*pair, torch.cat([fake_pixels.detach(), real_pixels.detach()]))
+    both_pixels = None
+    real_pixels_in = None
+    if real_pixels is not None and fake_pixels is not None:
+        both_pixels = torch.cat([fake_pixels.detach(), real_pixels.detach()])
         real_pixels_in = real_pixels.detach().clone().requires_grad_(True)
+    scores = engine_forward(torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]), both_pixels)
     d_fake, d_mismatch = scores[:n], scores[n:]
     real_in = real.clone().requires_grad_(True)
     sentence_in = sentence.clone().requires_grad_(True)
-    pixels_in = () if real_pixels_in is None else (real_pixels_in,)
-    d_real = raw_forward(real_in, sentence_in, *pixels_in)
+    d_real = raw_forward(real_in, sentence_in, real_pixels_in)
     penalty = ma_gp(d_real, real_in, sentence_in, k, p, pixels=real_pixels_in)
     loss = hinge_real(d_real) + (hinge_fake(d_fake) + hinge_fake(d_mismatch)) / 2 + penalty
     return DiscriminatorTerms(loss, penalty, d_real.float().mean(), d_fake.float().mean(), d_mismatch.float().mean())
@@ -110,8 +108,7 @@ def score_without_weight_grads(
     """Discriminator scores that pass gradients to the inputs only: the generator's step must neither touch
     the discriminator's gradients nor fire its engine's reduction hooks."""
     detached = {name: p.detach() for name, p in module.named_parameters()}
-    args = (features, sentence) if pixels is None else (features, sentence, pixels)
-    return torch.func.functional_call(module, detached, args)
+    return torch.func.functional_call(module, detached, (features, sentence, pixels))
 
 
 def clip_similarity(image_embedding: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:

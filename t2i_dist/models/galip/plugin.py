@@ -118,15 +118,24 @@ class GALIPPlugin(ModelPlugin):
             fake_view = self._augment(fake_images, augment_rng)
             fake, fake_embedding = self.vision.encode(fake_view, taps, with_embedding=True)
             assert fake_embedding is not None  # asked for with_embedding
-            pixels = (real_view.to(dt), fake_view.to(dt)) if m.pixel_branch else (None, None)
+            # the images CLIP read, for a discriminator with a pixel branch
+            real_pixels, fake_pixels = (real_view.to(dt), fake_view.to(dt)) if m.pixel_branch else (None, None)
             d = discriminator_loss(
-                d_engine, d_engine.module, real.to(dt), fake.to(dt), sentence, m.ma_gp_k, m.ma_gp_p, *pixels
+                d_engine,
+                d_engine.module,
+                real.to(dt),
+                fake.to(dt),
+                sentence,
+                m.ma_gp_k,
+                m.ma_gp_p,
+                real_pixels,
+                fake_pixels,
             )
         # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
         d_engine.backward_and_step(d.loss)
         # generator step against the just-updated discriminator, reusing this step's fakes and their graph
         with mixed_precision(self.device, dt):
-            scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence, pixels[1])
+            scores = score_without_weight_grads(d_engine.module, fake.to(dt), sentence, fake_pixels)
             loss_g, similarity = generator_loss(scores, fake_embedding, sentence, m.clip_sim_weight)
             extra: dict[str, torch.Tensor] = {}
             if twin_noise is not None:
