@@ -1,6 +1,6 @@
 """The package's layers point one way and no module imports itself back, deferred imports included.
 
-    L4  entry points: train (stage 0 in components), sample, evaluate, report, precompute, export, study
+    L4  entry points: train (stage 0 in components), sample, evaluate, report, precompute, export, study, zero_shot
         (may use train, evaluate, report), bench (may use precompute)
     L3  driver helpers: launch (may use ray_env), ray_env, params
     L2  engine (may use eval) · eval
@@ -46,6 +46,7 @@ UNITS: list[tuple[int, str]] = [
     (4, "t2i_dist.study"),
     (4, "t2i_dist.components"),
     (4, "t2i_dist.bench"),
+    (4, "t2i_dist.zero_shot"),
 ]
 # imports allowed between units of the same layer (importer, imported)
 SAME_LAYER = {
