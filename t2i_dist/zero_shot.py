@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenize = tokenizer_for(cfg)
     items = list_items(args.captions, args.limit, need_captions=True, require_images=args.checkpoint is None)
     captions = [str(item.caption) for item in items]
-    size = int(model.visual.image_size[0])
+    image_size = model.visual.image_size
+    size = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
     if args.checkpoint:
         from t2i_dist.engine.inference import load_plugin
 
@@ -47,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.nn.functional.interpolate(images, size=size, mode="bicubic") if images.shape[-1] != size else images
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
     std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
-    result = zero_shot_accuracy(
-        lambda x: model.encode_image((x.clamp(0, 1) - mean) / std),
-        lambda t: model.encode_text(tokenize(t)),
-        images,
-        captions,
-    )
+    try:
+        result = zero_shot_accuracy(
+            lambda x: model.encode_image((x.clamp(0, 1) - mean) / std),
+            lambda t: model.encode_text(tokenize(t)),
+            images,
+            captions,
+        )
+    except ValueError as err:
+        p.error(f"{args.captions}: {err}")
     source = args.checkpoint or "real images"
     print(" · ".join(f"{a} {r['accuracy']:.2f} of {r['judged']}" for a, r in result.items()), f"({source})")
     print(json.dumps(result))

@@ -41,3 +41,8 @@ def test_accuracy_counts_the_images_that_show_their_captions_attribute():
     result = zero_shot_accuracy(encode_image, encode_text, images, captions)
     assert result["colour"] == {"accuracy": 1.0, "judged": 2}
     assert result["shape"] == {"accuracy": pytest.approx(0.5), "judged": 2}
+
+
+def test_captions_outside_the_synthetic_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="synthetic data set's captions"):
+        zero_shot_accuracy(encode_image, encode_text, torch.tensor([[0, 0]]), ["a photo of a dog"])

@@ -16,6 +16,7 @@ from t2i_dist.data.synthetic import COLOURS, SHAPES
 
 VOCABULARIES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES}
 Encoder = Callable[..., torch.Tensor]
+ENCODE_BATCH = 64  # images per encode_image call: bounded memory for a large CLIP
 
 
 def alternatives(caption: str, vocabulary: tuple[str, ...]) -> tuple[list[str], int] | None:
@@ -35,7 +36,13 @@ def zero_shot_accuracy(
 ) -> dict[str, dict[str, float]]:
     """Per attribute: the fraction of judgeable images whose own caption scores highest, and how many were
     judged. `images` are what `encode_image` takes; both encoders return one embedding per row."""
-    image_features = torch.nn.functional.normalize(encode_image(images).float(), dim=-1)
+    if not any(alternatives(caption, vocabulary) for caption in captions for vocabulary in VOCABULARIES.values()):
+        raise ValueError(
+            "no caption names exactly one of the synthetic shapes' colours or shapes "
+            f"({', '.join(w for v in VOCABULARIES.values() for w in v)}): give the synthetic data set's captions"
+        )
+    chunks = [encode_image(chunk).float() for chunk in images.split(ENCODE_BATCH)]
+    image_features = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
     result = {}
     for attribute, vocabulary in VOCABULARIES.items():
         hits = []
