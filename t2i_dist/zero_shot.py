@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 import torch
 
@@ -26,32 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=256)
     args = p.parse_args(argv)
 
-    import open_clip
-
     from t2i_dist.config import ClipConfig
+    from t2i_dist.eval.clip_score import ClipScorer
+    from t2i_dist.eval.inception import to_uint8
     from t2i_dist.eval.sources import list_items, read_images
-    from t2i_dist.models.clip.encoders import load_clip, tokenizer_for
 
-    cfg = ClipConfig(name=args.clip_model, pretrained=args.clip)
-    model: Any = load_clip(cfg)  # open_clip's CLIP: encode_image / encode_text / visual.image_size
-    tokenize = tokenizer_for(cfg)
+    # the CLIP score's loading and preprocessing (the model's own size, mean and std), reused
+    scorer = ClipScorer(ClipConfig(name=args.clip_model, pretrained=args.clip))
     items = list_items(args.captions, args.limit, need_captions=True, require_images=args.checkpoint is None)
     captions = [str(item.caption) for item in items]
-    image_size = model.visual.image_size
-    size = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
     if args.checkpoint:
         from t2i_dist.engine.inference import load_plugin
 
-        images = load_plugin(args.checkpoint).sample(captions, list(range(len(captions)))).float()
+        images = to_uint8(load_plugin(args.checkpoint).sample(captions, list(range(len(captions)))))
     else:
-        images = torch.stack([image for _, image in read_images(items, size)]).float() / 255
-    images = torch.nn.functional.interpolate(images, size=size, mode="bicubic") if images.shape[-1] != size else images
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+        images = torch.stack([image for _, image in read_images(items, scorer.size[0])])
     try:
         result = zero_shot_accuracy(
-            lambda x: model.encode_image((x.clamp(0, 1) - mean) / std),
-            lambda t: model.encode_text(tokenize(t)),
+            lambda x: scorer.model.encode_image(scorer.preprocess(x)),
+            lambda t: scorer.model.encode_text(scorer.tokenizer(t).to(scorer.device)),
             images,
             captions,
         )

@@ -36,7 +36,8 @@ def zero_shot_accuracy(
 ) -> dict[str, dict[str, float]]:
     """Per attribute: the fraction of judgeable images whose own caption scores highest, and how many were
     judged. `images` are what `encode_image` takes; both encoders return one embedding per row."""
-    if not any(alternatives(caption, vocabulary) for caption in captions for vocabulary in VOCABULARIES.values()):
+    swaps = {a: [alternatives(c, vocabulary) for c in captions] for a, vocabulary in VOCABULARIES.items()}
+    if not any(swap for per_caption in swaps.values() for swap in per_caption):
         raise ValueError(
             "no caption names exactly one of the synthetic shapes' colours or shapes "
             f"({', '.join(w for v in VOCABULARIES.values() for w in v)}): give the synthetic data set's captions"
@@ -44,13 +45,12 @@ def zero_shot_accuracy(
     chunks = [encode_image(chunk).float() for chunk in images.split(ENCODE_BATCH)]
     image_features = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
     result = {}
-    for attribute, vocabulary in VOCABULARIES.items():
+    for attribute, per_caption in swaps.items():
         hits = []
-        for features, caption in zip(image_features, captions, strict=True):
-            swapped = alternatives(caption, vocabulary)
-            if swapped is None:
+        for features, swap in zip(image_features, per_caption, strict=True):
+            if swap is None:
                 continue
-            texts, own = swapped
+            texts, own = swap
             text_features = torch.nn.functional.normalize(encode_text(texts).float(), dim=-1)
             hits.append(int((text_features @ features).argmax()) == own)
         result[attribute] = {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "judged": len(hits)}
