@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         images = torch.stack([image for _, image in read_images(items, scorer.size[0])])
     try:
-        result = zero_shot_accuracy(
-            lambda x: scorer.model.encode_image(scorer.preprocess(x)),
-            lambda t: scorer.model.encode_text(scorer.tokenizer(t).to(scorer.device)),
-            images,
-            captions,
-        )
+        result = zero_shot_accuracy(scorer.image_embeddings, scorer.text_embeddings, images, captions)
     except ValueError as err:
         p.error(f"{args.captions}: {err}")
     source = args.checkpoint or "real images"

@@ -40,10 +40,18 @@ class ClipScorer:
             x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return (x - self.mean) / self.std
 
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> the CLIP's image embeddings (not normalised)."""
+        return self.model.encode_image(self.preprocess(images))
+
+    def text_embeddings(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> the CLIP's text embeddings (not normalised)."""
+        return self.model.encode_text(self.tokenizer(captions).to(self.device))
+
     @torch.inference_mode()
     def scores(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         if images.shape[0] != len(captions):
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-        image_emb = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
-        text_emb = F.normalize(self.model.encode_text(self.tokenizer(captions).to(self.device)).float(), dim=-1)
+        image_emb = F.normalize(self.image_embeddings(images).float(), dim=-1)
+        text_emb = F.normalize(self.text_embeddings(captions).float(), dim=-1)
         return 100 * (image_emb * text_emb).sum(dim=-1).clamp(min=0)
