@@ -206,3 +206,19 @@ def test_pixel_branch_discriminator_reads_the_pixels_and_passes_them_gradients()
     # 224 px CLIP grid 7 on 128 px images: pooled to the grid
     wide = MateDiscriminator(GALIPConfig(ndf=4, feature_layers=[0, 1], pixel_branch=True), 8, 7, 6, resolution=128)
     assert wide(torch.randn(2, 2, 8, 7, 7), torch.randn(2, 6), torch.randn(2, 3, 128, 128)).shape == (2,)
+
+
+def test_projection_discriminator_adds_the_pooled_feature_sentence_product():
+    from t2i_dist.models.galip.discriminator import QualityAssessor
+
+    torch.manual_seed(0)
+    plain = QualityAssessor(8, 6, 4, grid=4)
+    projected = QualityAssessor(8, 6, 4, grid=4, projection=True)
+    projected.load_state_dict(plain.state_dict(), strict=False)  # the same convolutions, plus the projection
+    features, sentence = torch.randn(3, 8, 4, 4), torch.randn(3, 6)
+    pooled = torch.nn.functional.leaky_relu(features, 0.2).mean(dim=(2, 3))
+    expected = plain(features, sentence) + (pooled * (sentence @ projected.project.weight.T)).sum(dim=1)
+    torch.testing.assert_close(projected(features, sentence), expected)
+    # the projection reads the sentence: a mismatched one changes the score beyond the concatenation path
+    other = torch.roll(sentence, 1, 0)
+    assert not torch.allclose(projected(features, other) - plain(features, other), expected - plain(features, sentence))

@@ -5,7 +5,7 @@ half-written checkpoint is refused instead of loaded.
 
 Layout of a checkpoint directory:
   <engine>/state/...          DeepSpeed engine files (model/optimizer/scheduler shards per rank)
-  trainer_state.json          step, world size, mlflow run id (rank 0)
+  trainer_state.json          step, world size, mlflow run id, the metrics published with it (rank 0)
   extra_state.pt              plug-in state outside the engines, e.g. EMA (rank 0's state_dict)
   inference.pt                gathered weights for sampling (rank 0)
   config.json                 the resolved config (rank 0)

@@ -134,6 +134,8 @@ class TrainLoop:
                 directory, self.engines, self.plugin, rank=self.rank, world_size=self.world
             )
         self.step = state["step"]
+        # what the run published with that checkpoint (its last evaluation), as an uninterrupted run has it
+        self.last_metrics = dict(state.get("metrics", {}))
         if data_state is not None:
             self.loader.load_state_dict(data_state)
         self.say(f"resumed from checkpoint at step {self.step}")
@@ -154,7 +156,7 @@ class TrainLoop:
                 step=self.step,
                 data_state=self.loader.state_dict(),
                 config=self.cfg.to_dict(),
-                run_info={"mlflow_run_id": self.ctx.run_info.get("mlflow_run_id")},
+                run_info={"mlflow_run_id": self.ctx.run_info.get("mlflow_run_id"), "metrics": metrics},
                 before_manifest=self.faults.save_hook(self) if self.faults else None,
             )
             self.ctx.sink.publish({**metrics, "step": self.step}, directory)

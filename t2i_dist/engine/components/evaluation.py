@@ -14,6 +14,15 @@ class InTrainingEvaluation(Component):
     def __init__(self, loop: Loop) -> None:
         self.evaluator = InTrainingEval(loop.cfg, loop.rank, loop.world, loop.device)
 
+    def start(self, loop: Loop) -> None:
+        # a rerun of a finished run trains nothing: it says the evaluation that run logged at its end
+        logged = {k: v for k, v in loop.last_metrics.items() if k.startswith("eval/")}
+        if loop.step >= loop.cfg.run.max_steps and logged:
+            loop.say(
+                f"nothing left to train; evaluation logged at step {loop.step}: "
+                f"{summary_line(result_of_logged(logged))}"
+            )
+
     def after_step(self, loop: Loop, outcome: StepOutcome) -> None:
         if self.evaluator.due(outcome.step) and not outcome.stop:
             loop.plugin.before_sampling()

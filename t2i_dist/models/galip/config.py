@@ -45,6 +45,11 @@ class GALIPConfig(FamilyConfig):
         description="Mate-D also reads the images CLIP read through a small conv stack (detail inside one ViT "
         "patch, which the patch embedding may project away); off: the paper's CLIP-only discriminator",
     )
+    projection: bool = Field(
+        False,
+        description="Mate-D adds a projection term, <pooled features, W sentence> (Miyato & Koyama 2018), to its "
+        "score; off: the paper's concatenation-only quality assessor",
+    )
     # Mate-G's bridge feature predictor: noise -> (bridge_channels, grid, grid), grid = CLIP-ViT patch grid
     bridge_channels: int = Field(64, ge=1)
     bridge_mid_channels: int = Field(32, ge=1)

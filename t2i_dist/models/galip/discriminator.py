@@ -6,7 +6,11 @@ penalty differentiates with respect to exactly these features and the sentence. 
 also reads the (augmented) pixels CLIP was shown, through a small conv stack joined to the CLIP features at the
 ViT's patch grid: a ViT's patch embedding projects each patch linearly to its width (192 values to 64 in the
 tiny CLIP), so detail inside one patch, such as a small shape's outline, can be invisible to a CLIP-only
-discriminator."""
+discriminator.
+
+With `model.projection` the score also gets a projection term (Miyato & Koyama, ICLR 2018): the inner product
+of the pooled image features with a linear map of the sentence vector. The concatenation path alone must learn
+every image-text interaction through the assessor's narrow first convolution (ndf * 2 channels)."""
 
 from __future__ import annotations
 
@@ -39,18 +43,25 @@ class ClipFeatureExtractor(nn.Module):
 
 class QualityAssessor(nn.Module):
     """Image features concatenated with the sentence vector (tiled over the grid) -> one score per sample.
-    Two valid convolutions shrink the grid to 1x1 (4x4 then 4x4 on ViT-B/32's 7x7 grid)."""
+    Two valid convolutions shrink the grid to 1x1 (4x4 then 4x4 on ViT-B/32's 7x7 grid); with `projection`,
+    plus <mean-pooled features, W sentence>."""
 
-    def __init__(self, in_channels: int, sentence_dim: int, mid_channels: int, grid: int):
+    def __init__(self, in_channels: int, sentence_dim: int, mid_channels: int, grid: int, projection: bool = False):
         super().__init__()
         first = (grid + 1) // 2
         self.conv1 = nn.Conv2d(in_channels + sentence_dim, mid_channels, first, bias=False)
         self.conv2 = nn.Conv2d(mid_channels, 1, grid - first + 1, bias=False)
+        self.project = nn.Linear(sentence_dim, in_channels, bias=False) if projection else None
 
     def forward(self, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        tiled = sentence.to(features.dtype)[:, :, None, None].expand(-1, -1, *features.shape[-2:])
+        sentence = sentence.to(features.dtype)
+        tiled = sentence[:, :, None, None].expand(-1, -1, *features.shape[-2:])
         x = F.leaky_relu(self.conv1(torch.cat([features, tiled], dim=1)), 0.2)
-        return self.conv2(x).flatten()
+        scores = self.conv2(x).flatten()
+        if self.project is None:
+            return scores
+        pooled = F.leaky_relu(features, 0.2).mean(dim=(2, 3))
+        return scores + (pooled * self.project(sentence)).sum(dim=1)
 
 
 class PixelFeatureExtractor(nn.Module):
@@ -80,7 +91,7 @@ class MateDiscriminator(nn.Module):
             raise ValueError("model.pixel_branch needs the image resolution")
         self.pixels = PixelFeatureExtractor(resolution, clip_grid, m.ndf, m.ndf * 8) if m.pixel_branch else None
         channels = m.ndf * 8 * (2 if self.pixels is not None else 1)
-        self.assessor = QualityAssessor(channels, sentence_dim, m.ndf * 2, clip_grid)
+        self.assessor = QualityAssessor(channels, sentence_dim, m.ndf * 2, clip_grid, m.projection)
 
     def forward(
         self, features: torch.Tensor, sentence: torch.Tensor, pixels: torch.Tensor | None = None
