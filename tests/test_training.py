@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -72,7 +73,8 @@ def test_train_resume_and_sample(ray_cluster, mlflow_server, shards, workdir):
 
     # --resume starts a new run (own name, own MLflow run) from an explicit checkpoint, at its step; a relaunch
     # of the same run resuming its own MLflow run is test_faults' preemption relaunch
-    latest = max(checkpoints, key=lambda p: int(p.name.split("_")[1]))
+    latest = max(checkpoints, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"])
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == 40
     fork = [*common[:-4], "run.name=e2e-fork", "run.log_every=5", "run.checkpoint_every=20", "run.sample_every=0"]
     assert train_main(["--config", "ldm-tiny", *fork, "run.max_steps=45", "--resume", str(latest)]) == 0
     forked = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != run.info.run_id]
