@@ -35,6 +35,11 @@ class Evaluation(BaseModel):
     captions: str = Field(description="caption + image shards: the prompts, and the real images compared with")
     workers: int = Field(2, ge=0)
     extra_args: list[str] = Field(default_factory=list, description="more `t2i_dist.evaluate` flags")
+    reference_cache: str | None = Field(
+        None,
+        description="directory or s3:// prefix for the real images' statistics, computed once for every "
+        "evaluation of the study (default: <report.out>/reference)",
+    )
     untrained_baselines: list[UntrainedScope] = Field(
         ["networks"],
         description="baselines each run is also evaluated as, what the trained figures are compared with: "
@@ -151,6 +156,7 @@ def evaluate_stage(
             "--protocol", e.protocol,
             "--captions", e.captions,
             "--workers", str(e.workers),
+            "--reference-cache", e.reference_cache or str(Path(study.report.out) / "reference"),
             *(["--untrained", untrained] if untrained else []),
             *e.extra_args,
         ]

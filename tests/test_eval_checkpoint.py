@@ -166,3 +166,26 @@ def test_untrained_baselines_reset_the_trained_networks_and_for_the_system_the_f
     assert not torch.equal(trained.sample(prompts, seeds, steps=2), untrained.sample(prompts, seeds, steps=2))
     with pytest.raises(ValueError, match="untrained must be"):
         load_plugin(ckpt, untrained=True)  # type: ignore[arg-type]
+
+
+def test_a_studys_evaluations_compute_the_real_images_statistics_once(checkpoint, tmp_path):
+    from t2i_dist.study import Evaluation, Ledger, ReportSettings, Study, evaluate_stage
+
+    ckpt, shards = checkpoint
+    out = tmp_path / "study"
+    study = Study(
+        title="t",
+        runs=["ldm-tiny"],
+        evaluation=Evaluation(
+            protocol="synthetic-tiny", captions=shards, workers=0, extra_args=["--num-samples", "8", "--no-kid"]
+        ),
+        report=ReportSettings(out=str(out)),
+    )
+    ledger, trained = Ledger(out / "study.json"), {"checkpoint": ckpt}
+    networks = evaluate_stage("ldm-tiny", trained, study, ledger, untrained="networks")
+    cached = Path(networks["reference_cache"])
+    assert cached.parent == out / "reference" and cached.is_file()
+    written = cached.stat().st_mtime_ns
+    system = evaluate_stage("ldm-tiny", trained, study, ledger, untrained="system")
+    assert system["reference_cache"] == networks["reference_cache"] and cached.stat().st_mtime_ns == written
+    assert system["fid"] != networks["fid"]  # other images, compared with the same real statistics

@@ -222,3 +222,23 @@ def test_projection_discriminator_adds_the_pooled_feature_sentence_product():
     # the projection reads the sentence: a mismatched one changes the score beyond the concatenation path
     other = torch.roll(sentence, 1, 0)
     assert not torch.allclose(projected(features, other) - plain(features, other), expected - plain(features, sentence))
+
+
+def test_a_lazy_regularisation_step_is_the_penalised_step_without_the_penalty():
+    from t2i_dist.models.galip.config import GALIPConfig
+    from t2i_dist.models.galip.discriminator import MateDiscriminator
+    from t2i_dist.models.galip.losses import discriminator_loss
+
+    torch.manual_seed(0)
+    net = MateDiscriminator(GALIPConfig(ndf=4, feature_layers=[0, 1], pixel_branch=True), 8, 4, 6, resolution=32)
+    real, fake = torch.randn(3, 2, 8, 4, 4), torch.randn(3, 2, 8, 4, 4)
+    sentence, real_px, fake_px = torch.randn(3, 6), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    full = discriminator_loss(net, net, real, fake, sentence, 2.0, 6.0, real_px, fake_px)
+    lazy = discriminator_loss(net, net, real, fake, sentence, 2.0, 6.0, real_px, fake_px, penalize=False)
+    assert float(full.penalty) > 0 and float(lazy.penalty) == 0
+    for name in ("real", "fake", "mismatch"):  # the same scores, taken in one forward instead of two
+        torch.testing.assert_close(getattr(lazy, name), getattr(full, name))
+    torch.testing.assert_close(lazy.loss, full.loss - full.penalty)
+    lazy.loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # D still learns on that step
+

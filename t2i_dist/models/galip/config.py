@@ -31,6 +31,12 @@ class GALIPConfig(FamilyConfig):
     betas: tuple[float, float] = (0.0, 0.9)
     ma_gp_k: float = 2.0
     ma_gp_p: float = 6.0
+    ma_gp_every: int = Field(
+        1,
+        ge=1,
+        description="apply MA-GP on every N-th step only, weighted by N (lazy regularisation, StyleGAN2): the "
+        "other steps skip its double backward; 1: every step, the paper's",
+    )
     clip_sim_weight: float = 4.0
     mode_seeking: float = Field(
         0.0, ge=0, description="weight of the mode-seeking term (a second image per caption, other noise); 0: off"

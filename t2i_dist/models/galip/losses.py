@@ -77,21 +77,32 @@ def discriminator_loss(
     p: float,
     real_pixels: torch.Tensor | None = None,
     fake_pixels: torch.Tensor | None = None,
+    penalize: bool = True,
 ) -> DiscriminatorTerms:
     """D loss = hinge(real) + (hinge(fake) + hinge(real with mismatched text)) / 2 + MA-GP.
 
     `engine_forward` is the DeepSpeed engine call, `raw_forward` its module (for the penalty's double
     backward); both score CLIP features (B, layers, width, g, g) against sentence vectors (B, D), and the
-    images CLIP read when the discriminator has a pixel branch (then both pixel arguments are given)."""
+    images CLIP read when the discriminator has a pixel branch (then both pixel arguments are given).
+    `penalize=False` leaves MA-GP out (a lazy-regularisation step): the real, matching pairs are then scored
+    in the engine's one forward with the others."""
     if (real_pixels is None) != (fake_pixels is None):
         raise ValueError("give the pixels of both real and fake images, or of neither")
     n = real.shape[0]
     real, sentence = real.detach(), sentence.detach()
-    both_pixels = None
-    real_pixels_in = None
-    if real_pixels is not None and fake_pixels is not None:
-        both_pixels = torch.cat([fake_pixels.detach(), real_pixels.detach()])
-        real_pixels_in = real_pixels.detach().clone().requires_grad_(True)
+    pixels = None if real_pixels is None or fake_pixels is None else (fake_pixels.detach(), real_pixels.detach())
+    if not penalize:
+        scores = engine_forward(
+            torch.cat([fake.detach(), real, real]),
+            torch.cat([sentence, mismatched(sentence), sentence]),
+            None if pixels is None else torch.cat([*pixels, pixels[1]]),
+        )
+        d_fake, d_mismatch, d_real = scores[:n], scores[n : 2 * n], scores[2 * n :]
+        loss = hinge_real(d_real) + (hinge_fake(d_fake) + hinge_fake(d_mismatch)) / 2
+        zero = torch.zeros((), device=loss.device)
+        return DiscriminatorTerms(loss, zero, d_real.float().mean(), d_fake.float().mean(), d_mismatch.float().mean())
+    both_pixels = None if pixels is None else torch.cat(pixels)
+    real_pixels_in = None if pixels is None else pixels[1].clone().requires_grad_(True)
     scores = engine_forward(torch.cat([fake.detach(), real]), torch.cat([sentence, mismatched(sentence)]), both_pixels)
     d_fake, d_mismatch = scores[:n], scores[n:]
     real_in = real.clone().requires_grad_(True)

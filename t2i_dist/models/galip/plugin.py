@@ -120,16 +120,19 @@ class GALIPPlugin(ModelPlugin):
             assert fake_embedding is not None  # asked for with_embedding
             # the images CLIP read, for a discriminator with a pixel branch
             real_pixels, fake_pixels = (real_view.to(dt), fake_view.to(dt)) if m.pixel_branch else (None, None)
+            # lazy MA-GP: on every ma_gp_every-th step, weighted by the interval
+            penalize = (step - 1) % m.ma_gp_every == 0
             d = discriminator_loss(
                 d_engine,
                 d_engine.module,
                 real.to(dt),
                 fake.to(dt),
                 sentence,
-                m.ma_gp_k,
+                m.ma_gp_k * m.ma_gp_every,
                 m.ma_gp_p,
                 real_pixels,
                 fake_pixels,
+                penalize=penalize,
             )
         # a non-finite loss on any rank skips that network's update on every rank (the loop counts the step)
         d_engine.backward_and_step(d.loss)
