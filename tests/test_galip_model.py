@@ -241,4 +241,3 @@ def test_a_lazy_regularisation_step_is_the_penalised_step_without_the_penalty():
     torch.testing.assert_close(lazy.loss, full.loss - full.penalty)
     lazy.loss.backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # D still learns on that step
-
